@@ -1,0 +1,226 @@
+"""The ``ppvi`` command line: list, fit, compare.
+
+Exit codes: 0 success; 2 bad input (one-paragraph message, no traceback);
+1 internal failure or a diverged fit. ``PPVI_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import TrainingDiverged, UsageError
+
+console = Console(stderr=True, highlight=False)
+output = Console(highlight=False)
+
+FIT_VALUE_OPTIONS = {
+    "--guide", "--estimator", "--data", "--steps", "--epochs", "--batch-size", "--lr",
+    "--lr-decay", "--num-particles", "--device", "--seed", "--restarts", "--out", "--resume", "--checkpoint-every",
+}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ppvi")
+def cli():
+    """Fit Pyro model/guide pairs by variational inference, with the right gradient estimator."""
+
+
+@cli.command("list")
+def list_command():
+    """List the gallery's models with their guides and options, and the estimators."""
+    from .estimators import ESTIMATORS
+    from .gallery import gallery_names, load_model
+
+    table = Table(title="ppvi gallery (ppvi fit NAME, or ppvi fit ./your_model.py)")
+    for column in ("model", "guides (first is default)", "options", "description"):
+        table.add_column(column)
+    for name in gallery_names():
+        model_file = load_model(name)
+        options = model_file.options_class
+        flags = ", ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(options)) if options else ""
+        table.add_row(name, ", ".join(model_file.guides), flags, model_file.title)
+    output.print(table)
+    output.print("estimators: " + ", ".join(ESTIMATORS))
+
+
+def _model_option(field: dataclasses.Field, hints: dict) -> click.Option:
+    kind = hints.get(field.name, field.type)
+    flag = "--" + field.name.replace("_", "-")
+    help_text = field.metadata.get("help", "")
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if kind is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", field.name], default=default, show_default=True, help=help_text)
+    if typing.get_origin(kind) is typing.Literal:
+        return click.Option([flag, field.name], type=click.Choice([str(v) for v in typing.get_args(kind)]), default=default, show_default=True, help=help_text)
+    click_type = {int: click.INT, float: click.FLOAT}.get(kind, click.STRING)
+    return click.Option([flag, field.name], type=click_type, default=default, show_default=True, help=help_text)
+
+
+def _find_model_argument(args: list[str]) -> str | None:
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in FIT_VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+class FitCommand(click.Command):
+    """``fit`` learns the chosen model's own options (from its Options dataclass) before parsing."""
+
+    def parse_args(self, ctx, args):
+        if not hasattr(self, "base_params"):
+            self.base_params = list(self.params)
+        self.params = list(self.base_params)  # main() may run several times in one process
+        name = _find_model_argument(args)
+        if name is not None:
+            from .gallery import load_model
+
+            model_file = load_model(name)
+            options = model_file.options_class
+            if options is not None:
+                hints = typing.get_type_hints(options)
+                ctx.meta["ppvi.model_options"] = [f.name for f in dataclasses.fields(options)]
+                self.params = self.params + [_model_option(f, hints) for f in dataclasses.fields(options)]
+            self.help = (
+                f"Fit {model_file.name}: {model_file.title}\n\nGuides: {', '.join(model_file.guides)} "
+                f"(default {model_file.default_guide}). Options after --checkpoint-every are the model's own."
+            )
+        return super().parse_args(ctx, args)
+
+
+@cli.command("fit", cls=FitCommand)
+@click.argument("model", required=False)
+@click.option("--guide", help="Guide name from the model file (default: its first).")
+@click.option("--estimator", default="auto", show_default=True, help="auto, reparam, score or enum.")
+@click.option("--data", help="Data: FILE.csv, a folder, or synthetic:n=...,k=...; default: the model's built-in data.")
+@click.option("--steps", type=int, help="Optimizer steps (default from the model file).")
+@click.option("--epochs", type=int, help="Passes over the data (instead of --steps).")
+@click.option("--batch-size", type=int, help="Minibatch size (default: full batch).")
+@click.option("--lr", type=float, help="Adam learning rate (default from the model file).")
+@click.option("--lr-decay", type=float, help="Decay the learning rate by this factor over the fit (e.g. 0.1).")
+@click.option("--num-particles", type=int, default=1, show_default=True, help="Samples per ELBO estimate.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; restart r uses seed + r.")
+@click.option("--restarts", type=int, default=1, show_default=True, help="Independent fits from different seeds.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/MODEL-GUIDE-TIME).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the interrupted run in this directory.")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (default: about every 10 s).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.pass_context
+def fit_command(ctx, model, guide, estimator, data, steps, epochs, batch_size, lr, lr_decay, num_particles, device, seed, restarts, out, resume, checkpoint_every, progress, **model_options):
+    """Fit MODEL (a gallery name or a path to a .py file); `ppvi fit MODEL --help` lists its options."""
+    from .fit import fit, resume as resume_run
+
+    progress = sys.stderr.isatty() if progress is None else progress
+    started = time.perf_counter()
+    if resume is not None:
+        if model is not None or ctx.get_parameter_source("steps").name == "COMMANDLINE":
+            console.print("note: --resume takes every setting from the run's config.json; other options are ignored.")
+        result = resume_run(resume, progress=progress, log_fn=console.print)
+    else:
+        if model is None:
+            raise UsageError("missing MODEL: give a gallery name (see `ppvi list`) or a path to a model file, or --resume DIR.")
+        if out is None:
+            stem = Path(model).stem
+            out = Path("runs") / f"{stem}-{guide or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
+            while out.exists():
+                out = out.with_name(out.name + "_")
+        result = fit(
+            model, guide=guide, estimator=estimator, data=data, options=model_options, steps=steps, epochs=epochs,
+            batch_size=batch_size, lr=lr, lr_decay=lr_decay, num_particles=num_particles, device=device, seed=seed, restarts=restarts,
+            out=out, checkpoint_every=checkpoint_every, progress=progress, log_fn=console.print,
+        )
+    seconds = time.perf_counter() - started
+    finals = ", ".join(f"{r.final_elbo:.4g}" for r in result.restarts)
+    output.print(f"final ELBO (mean of last 10% of steps): {finals}   [{result.device}, {seconds:.1f} s]")
+    output.print(f"run directory: {result.run_dir}")
+
+
+@cli.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="Save the overlaid traces here (PNG).")
+@click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True, help="Rolling-mean window in steps.")
+def compare_command(run_dirs, out, smooth):
+    """Overlay the ELBO traces of several runs (seaborn) and print their final ELBOs."""
+    from .compare import compare_runs, plot_traces
+
+    for run_dir in run_dirs:
+        if not Path(run_dir).is_dir():
+            raise UsageError(f"{run_dir}: no such run directory.")
+    frame = compare_runs(run_dirs)
+    table = Table(title="final ELBO (mean of last 10% of steps, per restart)")
+    for column in ("run", "model", "guide", "estimator", "steps", "final ELBO"):
+        table.add_column(column)
+    for (run, model, guide, estimator), group in frame.groupby(["run", "model", "guide", "estimator"], sort=False):
+        finals = group.groupby("restart")["elbo"].apply(lambda s: s.iloc[-max(1, len(s) // 10):].mean())
+        table.add_row(run, model, guide, estimator, str(group["step"].max() + 1), ", ".join(f"{v:.4g}" for v in finals))
+    output.print(table)
+    if out is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from .rundir import atomic_write
+
+        ax = plot_traces(frame, smooth=smooth)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(out), lambda temporary: ax.figure.savefig(temporary, format="png", dpi=110))
+        plt.close(ax.figure)
+        output.print(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    debug = bool(os.environ.get("PPVI_DEBUG"))
+    try:
+        code = cli.main(args=argv, prog_name="ppvi", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except click.exceptions.Exit as stop:
+        return stop.exit_code
+    except click.ClickException as error:
+        error.show()
+        return 2 if error.exit_code in (1, 2) else error.exit_code
+    except click.exceptions.Abort:
+        console.print("aborted.")
+        return 1
+    except UsageError as error:
+        if debug:
+            raise
+        console.print(f"error: {error}", soft_wrap=True)
+        return 2
+    except TrainingDiverged as error:
+        if debug:
+            raise
+        console.print(f"error: training diverged: {error}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted; continue with `ppvi fit --resume RUN_DIR`.")
+        return 130
+    except Exception as error:  # an internal failure: say so plainly, traceback on request
+        if debug:
+            raise
+        console.print(f"internal error: {type(error).__name__}: {error}\n(set PPVI_DEBUG=1 for the traceback)", soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script wrapper: exit with :func:`main`'s code."""
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Data sources and checks: CSV files, built-in sets, seeded synthetic generators.
+
+Every loader returns float tensors with one data point per row and rejects bad
+data (missing file, non-numeric or non-finite values, too few rows) with a
+:class:`~ppvi.errors.DataError` that names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import DataError
+
+__all__ = [
+    "Batch",
+    "read_csv",
+    "old_faithful",
+    "synthetic_gmm",
+    "parse_synthetic",
+    "check_points",
+    "standardize",
+]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A minibatch as the model and guide see it.
+
+    Attributes
+    ----------
+    data : dict of str to Tensor
+        The per-point tensors of this batch (``batch.x`` is ``batch.data["x"]``).
+    index : LongTensor
+        Positions of these points in the full data set: pass it to
+        ``pyro.plate("data", batch.num_data, subsample=batch.index)`` so that
+        Pyro scales the likelihood by ``num_data / len(index)``.
+    num_data : int
+        Size of the full data set.
+    """
+
+    data: dict
+    index: torch.Tensor
+    num_data: int
+
+    def __getattr__(self, name):
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(f"batch has no data named {name!r} (it has {sorted(self.data)})") from None
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+def read_csv(path: str | Path, *, min_rows: int = 2) -> torch.Tensor:
+    """Read a numeric CSV (header row optional, one point per row) into a float tensor.
+
+    A first row that is not entirely numeric is taken as the header.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file.")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a CSV file.")
+    try:
+        frame = pd.read_csv(path, header=None, dtype=str, skip_blank_lines=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty.") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a readable CSV file ({str(error).strip().splitlines()[0]}).") from None
+    numeric = frame.apply(pd.to_numeric, errors="coerce")
+    if len(frame) and numeric.iloc[0].isna().all() and frame.iloc[0].notna().all():
+        frame, numeric = frame.iloc[1:], numeric.iloc[1:]  # header row
+    bad = numeric.isna() & frame.notna()
+    if bad.to_numpy().any():
+        row, col = np.argwhere(bad.to_numpy())[0]
+        raise DataError(
+            f"{path}: non-numeric value {frame.iloc[row, col]!r} in row {row + 1}, column {col + 1}; "
+            "every value must be a number."
+        )
+    if numeric.isna().to_numpy().any():
+        row, col = np.argwhere(numeric.isna().to_numpy())[0]
+        raise DataError(f"{path}: missing value in row {row + 1}, column {col + 1}.")
+    values = torch.as_tensor(numeric.to_numpy(dtype=np.float64), dtype=torch.get_default_dtype())
+    return check_points(values, name=str(path), min_rows=min_rows)
+
+
+def check_points(values: torch.Tensor, *, name: str, min_rows: int = 2) -> torch.Tensor:
+    """Check a (num_points, num_features) float tensor: finite, 2-D, at least ``min_rows`` rows."""
+    if values.dim() == 1:
+        values = values.unsqueeze(-1)
+    if values.dim() != 2:
+        raise DataError(f"{name}: expected a table of points (rows) by features (columns), got shape {tuple(values.shape)}.")
+    if not torch.is_floating_point(values):
+        raise DataError(f"{name}: expected floating-point values, got {values.dtype}.")
+    if values.shape[0] < min_rows:
+        raise DataError(f"{name}: has {values.shape[0]} row(s); at least {min_rows} data points are needed.")
+    if values.shape[1] < 1:
+        raise DataError(f"{name}: has no columns.")
+    finite = torch.isfinite(values)
+    if not finite.all():
+        row, col = (~finite).nonzero()[0].tolist()
+        raise DataError(f"{name}: value {values[row, col].item()} in row {row + 1}, column {col + 1} is not finite.")
+    return values
+
+
+def standardize(values: torch.Tensor) -> torch.Tensor:
+    """Centre each column and scale it to unit standard deviation (constant columns are only centred)."""
+    scale = values.std(dim=0, keepdim=True)
+    return (values - values.mean(dim=0, keepdim=True)) / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def old_faithful() -> torch.Tensor:
+    """Old Faithful geyser eruptions (Azzalini & Bowman 1990; R's ``datasets::faithful``).
+
+    Returns
+    -------
+    Tensor of shape (272, 2)
+        Eruption duration (minutes) and waiting time to the next eruption (minutes).
+    """
+    with resources.files("ppvi").joinpath("datasets/old_faithful.csv").open() as handle:
+        frame = pd.read_csv(handle)
+    return torch.as_tensor(frame.to_numpy(dtype=np.float64), dtype=torch.get_default_dtype())
+
+
+def parse_synthetic(source: str, **defaults) -> dict:
+    """Parse ``synthetic`` or ``synthetic:n=1000,k=3,d=2,seed=0`` into keyword arguments."""
+    _, _, spec = source.partition(":")
+    settings = dict(defaults)
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or key not in settings:
+            raise DataError(
+                f"--data {source!r}: expected 'synthetic:' followed by key=value pairs among "
+                f"{', '.join(settings)} (e.g. synthetic:n=1000,k=3)."
+            )
+        try:
+            settings[key] = type(settings[key])(value)
+        except ValueError:
+            raise DataError(f"--data {source!r}: {key}={value!r} is not a valid {type(settings[key]).__name__}.") from None
+    return settings
+
+
+def synthetic_gmm(n: int = 500, k: int = 3, d: int = 2, *, seed: int = 0, separation: float = 6.0):
+    """Draw ``n`` points from a well-separated mixture of ``k`` spherical unit-variance Gaussians in ``d`` dimensions.
+
+    Component means are drawn uniformly from a box and re-drawn until every pair
+    is at least ``separation`` standard deviations apart; weights are drawn
+    from Dirichlet(5, ..., 5) so that no component is tiny.
+
+    Returns
+    -------
+    x : Tensor (n, d)
+    truth : dict with ``locs`` (k, d), ``weights`` (k,) and ``labels`` (n,)
+    """
+    if n < 2 or k < 1 or d < 1:
+        raise DataError(f"synthetic mixture needs n >= 2, k >= 1, d >= 1 (got n={n}, k={k}, d={d}).")
+    generator = np.random.default_rng(seed)
+    half_width = separation * max(1.0, math.ceil(k ** (1.0 / d)))
+    for _ in range(10_000):
+        locs = generator.uniform(-half_width, half_width, size=(k, d))
+        gaps = np.linalg.norm(locs[:, None] - locs[None], axis=-1) + np.eye(k) * 1e9
+        if gaps.min() >= separation:
+            break
+    weights = generator.dirichlet(np.full(k, 5.0))
+    labels = generator.choice(k, size=n, p=weights)
+    x = locs[labels] + generator.standard_normal((n, d))
+    dtype = torch.get_default_dtype()
+    truth = {
+        "locs": torch.as_tensor(locs, dtype=dtype),
+        "weights": torch.as_tensor(weights, dtype=dtype),
+        "labels": torch.as_tensor(labels),
+    }
+    return torch.as_tensor(x, dtype=dtype), truth

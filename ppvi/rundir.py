@@ -1,0 +1,100 @@
+"""The run directory: what a fit leaves behind, written atomically.
+
+    config.json   everything needed to rerun (model, guide, estimator + reason, seed, device, versions)
+    elbo.csv      the trace: restart, step, epoch, elbo, time_s (one row per step)
+    params.pt     per-restart parameter state, optimizer state and RNG state (loads with weights_only=True)
+    elbo.png      the trace plotted
+
+Each file is written to a temporary name in the same folder and renamed into
+place, so a run killed at any moment leaves the previous complete version of
+every file, and ``--resume`` continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .errors import UsageError
+
+__all__ = ["atomic_write", "write_json", "read_config", "write_trace", "read_trace", "save_checkpoint", "load_checkpoint", "plot_trace"]
+
+CONFIG, TRACE, PARAMS, PLOT = "config.json", "elbo.csv", "params.pt", "elbo.png"
+
+
+def atomic_write(path: Path, write_fn) -> None:
+    """Call ``write_fn(temporary_path)``, then rename the result onto ``path``."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write_fn(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict) -> None:
+    def write(temporary):
+        with open(temporary, "w") as handle:
+            json.dump(payload, handle, indent=2, default=str)
+            handle.write("\n")
+
+    atomic_write(path, write)
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: not a ppvi run directory (no {CONFIG}).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}: unreadable ({error}).") from None
+
+
+def write_trace(run_dir: Path, trace: pd.DataFrame) -> None:
+    atomic_write(Path(run_dir) / TRACE, lambda temporary: trace.to_csv(temporary, index=False))
+
+
+def read_trace(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / TRACE
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no ELBO trace ({TRACE}); the run has not logged a step yet.")
+    return pd.read_csv(path)
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    atomic_write(Path(run_dir) / PARAMS, lambda temporary: torch.save(state, temporary))
+
+
+def load_checkpoint(run_dir: Path, map_location=None) -> dict | None:
+    path = Path(run_dir) / PARAMS
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def plot_trace(run_dir: Path, trace: pd.DataFrame, title: str) -> None:
+    """Save elbo.png: the ELBO against the step, one line per restart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    frame = trace.assign(restart=trace["restart"].astype(str))
+    sns.lineplot(data=frame, x="step", y="elbo", hue="restart" if frame["restart"].nunique() > 1 else None, ax=axes, linewidth=0.8)
+    low, high = frame["elbo"].quantile([0.05, 1.0])
+    if frame["elbo"].min() < low - (high - low):  # keep early transients from flattening the picture
+        axes.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
+    axes.set(title=title, xlabel="step", ylabel="ELBO")
+    atomic_write(Path(run_dir) / PLOT, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    plt.close(figure)
