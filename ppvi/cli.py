@@ -19,8 +19,8 @@ from rich.table import Table
 
 from .errors import TrainingDiverged, UsageError
 
-console = Console(stderr=True, highlight=False)
-output = Console(highlight=False)
+console = Console(stderr=True, highlight=False, markup=False)  # messages hold paths and [brackets], not markup
+output = Console(highlight=False, markup=False)
 
 FIT_VALUE_OPTIONS = {
     "--guide", "--estimator", "--data", "--steps", "--epochs", "--batch-size", "--lr",
@@ -82,8 +82,8 @@ class FitCommand(click.Command):
 
     def parse_args(self, ctx, args):
         if not hasattr(self, "base_params"):
-            self.base_params = list(self.params)
-        self.params = list(self.base_params)  # main() may run several times in one process
+            self.base_params, self.base_help = list(self.params), self.help
+        self.params, self.help = list(self.base_params), self.base_help  # main() may run several times in one process
         name = _find_model_argument(args)
         if name is not None:
             from .gallery import load_model

@@ -70,25 +70,29 @@ def read_csv(path: str | Path, *, min_rows: int = 2) -> torch.Tensor:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, expected a CSV file.")
     try:
-        frame = pd.read_csv(path, header=None, dtype=str, skip_blank_lines=True)
+        # Raw text, no NA guessing: an empty cell is missing, a literal "nan" is a NaN value.
+        frame = pd.read_csv(path, header=None, dtype=str, skip_blank_lines=True, keep_default_na=False, na_filter=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty.") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a readable CSV file ({str(error).strip().splitlines()[0]}).") from None
+    frame = frame.fillna("").apply(lambda column: column.str.strip())
     numeric = frame.apply(pd.to_numeric, errors="coerce")
-    if len(frame) and numeric.iloc[0].isna().all() and frame.iloc[0].notna().all():
+    if len(frame) and numeric.iloc[0].isna().all() and (frame.iloc[0] != "").all():
         frame, numeric = frame.iloc[1:], numeric.iloc[1:]  # header row
-    bad = numeric.isna() & frame.notna()
-    if bad.to_numpy().any():
-        row, col = np.argwhere(bad.to_numpy())[0]
+    missing = (frame == "").to_numpy()
+    not_a_number = frame.apply(lambda column: column.str.lower().isin(["nan", "+nan", "-nan"])).to_numpy()
+    for row, col in np.argwhere(numeric.isna().to_numpy()):  # row-major: report the first problem
+        if missing[row, col]:
+            raise DataError(f"{path}: missing value in row {row + 1}, column {col + 1}.")
+        if not_a_number[row, col]:
+            raise DataError(f"{path}: value {frame.iloc[row, col]!r} in row {row + 1}, column {col + 1} is NaN; every value must be a finite number.")
         raise DataError(
             f"{path}: non-numeric value {frame.iloc[row, col]!r} in row {row + 1}, column {col + 1}; "
             "every value must be a number."
         )
-    if numeric.isna().to_numpy().any():
-        row, col = np.argwhere(numeric.isna().to_numpy())[0]
-        raise DataError(f"{path}: missing value in row {row + 1}, column {col + 1}.")
-    values = torch.as_tensor(numeric.to_numpy(dtype=np.float64), dtype=torch.get_default_dtype())
+    # copy=True: pandas (copy-on-write) hands out read-only arrays, which torch warns about
+    values = torch.as_tensor(numeric.to_numpy(dtype=np.float64, copy=True), dtype=torch.get_default_dtype())
     return check_points(values, name=str(path), min_rows=min_rows)
 
 
@@ -127,7 +131,7 @@ def old_faithful() -> torch.Tensor:
     """
     with resources.files("ppvi").joinpath("datasets/old_faithful.csv").open() as handle:
         frame = pd.read_csv(handle)
-    return torch.as_tensor(frame.to_numpy(dtype=np.float64), dtype=torch.get_default_dtype())
+    return torch.as_tensor(frame.to_numpy(dtype=np.float64, copy=True), dtype=torch.get_default_dtype())
 
 
 def parse_synthetic(source: str, **defaults) -> dict:

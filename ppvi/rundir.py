@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -30,8 +30,9 @@ CONFIG, TRACE, PARAMS, PLOT = "config.json", "elbo.csv", "params.pt", "elbo.png"
 def atomic_write(path: Path, write_fn) -> None:
     """Call ``write_fn(temporary_path)``, then rename the result onto ``path``."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    # A fresh name that write_fn creates itself, so the file gets the usual umask permissions
+    # (mkstemp would leave every run file readable by its owner only).
+    temporary = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         write_fn(temporary)
         os.replace(temporary, path)
