@@ -40,7 +40,7 @@ def run_cli(*args) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
     """``cli("fit", "gmm", ...)`` -> CliResult(code, out, err)."""
     return run_cli

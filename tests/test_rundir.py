@@ -20,8 +20,6 @@ import torch
 import ppvi
 from ppvi import rundir
 
-from conftest import run_cli
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -163,14 +161,14 @@ GUIDES = {"meanfield": guide}
 
 
 @pytest.fixture(scope="module")
-def diverged_run(tmp_path_factory):
+def diverged_run(tmp_path_factory, cli):
     folder = tmp_path_factory.mktemp("diverging")
     model_file = folder / "diverging.py"
     model_file.write_text(textwrap.dedent(DIVERGING_MODEL))
     run_dir = folder / "run"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)  # Pyro's own notice
-        result = run_cli("fit", model_file, "--steps", 100, "--checkpoint-every", 10, "--seed", 0, "--out", run_dir)
+        result = cli("fit", model_file, "--steps", 100, "--checkpoint-every", 10, "--seed", 0, "--out", run_dir)
     return run_dir, result
 
 
@@ -253,9 +251,9 @@ def test_resume_refuses_a_changed_setting(tmp_path, monkeypatch):
         ppvi.fit("normal_normal", steps=20, checkpoint_every=5, seed=1, device="cpu", out=tmp_path / "run", resume=True)
 
 
-def test_resume_of_a_plain_folder_exits_2(tmp_path):
+def test_resume_of_a_plain_folder_exits_2(cli, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run_cli("fit", "--resume", tmp_path / "empty")
+    result = cli("fit", "--resume", tmp_path / "empty")
     assert result.code == 2, result.text
     assert "not a ppvi run directory" in result.err and "Traceback" not in result.text
 
@@ -265,7 +263,7 @@ def ppvi_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ppvi.cli"]
 
 
-def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(cli, tmp_path):
     """The real thing: SIGKILL a `ppvi fit` process after its first checkpoint, then `ppvi fit --resume`."""
     arguments = ["fit", "normal_normal", "--steps", "200", "--checkpoint-every", "10", "--seed", "1", "--device", "cpu", "--no-progress"]
     killed_dir = tmp_path / "killed"
@@ -284,9 +282,9 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     checkpoint_step = torch.load(killed_dir / "params.pt", weights_only=True)["restarts"][0]["step"]
     assert 10 <= checkpoint_step < 200
 
-    resumed = run_cli("fit", "--resume", killed_dir, "--no-progress")
+    resumed = cli("fit", "--resume", killed_dir, "--no-progress")
     assert resumed.code == 0, resumed.text
-    reference = run_cli(*arguments, "--out", tmp_path / "reference")  # the same command, never interrupted
+    reference = cli(*arguments, "--out", tmp_path / "reference")  # the same command, never interrupted
     assert reference.code == 0, reference.text
     resumed_trace, reference_trace = (pd.read_csv(folder / "elbo.csv") for folder in (killed_dir, tmp_path / "reference"))
     assert list(resumed_trace["step"]) == list(range(200))
@@ -297,10 +295,10 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
 # --- compare_runs ------------------------------------------------------------------------------------
 
 
-def test_compare_runs_returns_one_tidy_frame_with_a_run_column(gmm_run, tmp_path):
+def test_compare_runs_returns_one_tidy_frame_with_a_run_column(cli, gmm_run, tmp_path):
     run_dir, _ = gmm_run
     other = tmp_path / "short"
-    assert run_cli("fit", "normal_normal", "--steps", 7, "--out", other).code == 0
+    assert cli("fit", "normal_normal", "--steps", 7, "--out", other).code == 0
     frame = ppvi.compare_runs([run_dir, other])
     assert isinstance(frame, pd.DataFrame)
     assert {"run", "model", "guide", "estimator", "restart", "step", "epoch", "elbo", "time_s"} <= set(frame.columns)
