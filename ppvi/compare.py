@@ -14,16 +14,20 @@ __all__ = ["compare_runs", "plot_traces"]
 def compare_runs(run_dirs) -> pd.DataFrame:
     """Stack the ELBO traces of several run directories into one tidy DataFrame.
 
-    Columns: run (the folder name), model, guide, estimator, restart, step,
+    Columns: run (the folder name, or its path where names repeat), model, guide, estimator, restart, step,
     epoch, elbo, time_s.
     """
     frames = []
-    for run_dir in map(Path, run_dirs):
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    names = [run_dir.name for run_dir in run_dirs]
+    if len(set(names)) < len(names):  # same folder name in different places: label by path
+        names = [str(run_dir) for run_dir in run_dirs]
+    for run_dir, label in zip(run_dirs, names):
         config = rundir.read_config(run_dir)
         trace = rundir.read_trace(run_dir)
         frames.append(
             trace.assign(
-                run=run_dir.name,
+                run=label,
                 model=Path(config["model"]).stem,
                 guide=config["guide"],
                 estimator=config.get("estimator", "?"),

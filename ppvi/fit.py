@@ -86,6 +86,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda.") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: PyTorch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); use --device cpu or auto.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
     if resolved.type not in ("cpu", "cuda"):
         raise UsageError(f"unsupported device {name!r}; use auto, cpu or cuda.")
     return resolved
@@ -332,6 +334,8 @@ def fit(
     if run_dir is not None:
         if resume:
             previous = rundir.load_checkpoint(run_dir, map_location=torch_device)
+            for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill
+                leftover.unlink()
         elif run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"--out {run_dir}: the folder exists and is not empty; choose a new folder or continue it with --resume {run_dir}.")
     elif resume:
@@ -422,9 +426,11 @@ def fit(
                 )
             except TrainingDiverged as error:
                 if run_dir is not None:
-                    kept = snapshots[restart]["step"] if snapshots[restart] is not None else 0
+                    rundir.write_trace(run_dir, pd.concat(traces, ignore_index=True))  # the finite steps before it
                     rundir.write_json(run_dir / rundir.CONFIG, {**config, "status": "diverged", "error": str(error)})
-                    error.args = (f"{error}; {run_dir} keeps the last good checkpoint (step {kept}).",)
+                    kept = snapshots[restart]
+                    where = f"the last good checkpoint (step {kept['step']})" if kept is not None else "no checkpoint: none was due yet"
+                    error.args = (f"{error}; {run_dir} keeps {where}.",)
                 raise
             restart_results.append(
                 RestartResult(
