@@ -11,17 +11,21 @@ Generative story, for K components in D dimensions and points i = 1..N::
 Guides
 ------
 meanfield  q(weights) q(loc) q(scale) prod_i q(z[i]): Dirichlet, Normal, LogNormal and one
-           Categorical per data point (free parameters, indexed by the minibatch).
+           Categorical per data point. q(z[i]) has no free parameters: it is the coordinate-ascent
+           optimum given the other factors (Bishop 2006, eq. 10.46-10.49), computed from x[i], so a
+           minibatch step costs O(batch size), as in stochastic VI (Hoffman et al. 2013).
 map        point estimates (Delta) of weights, loc and scale; z is summed out in the model.
 amortized  like meanfield for the globals, with q(z[i] | x[i]) from a small neural encoder.
 
-The globals start from k-means++ seeding and a few Lloyd iterations on the data.
+The globals start from k-means (greedy k-means++ seeding, best of 4, Lloyd iterations) on at
+most 10,000 of the points; their spreads start at the posterior sd a cluster of that size would have.
 
 Data: Old Faithful by default (272 eruptions: duration and waiting time, minutes),
 ``--data FILE.csv`` (numeric, one point per row, header optional), or
 ``--data synthetic:n=500,k=3,d=2,seed=0`` (a well-separated mixture with known truth).
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -74,50 +78,74 @@ def model(batch, options):
         pyro.sample("x", dist.Normal(locs[z], scales[z]).to_event(1), obs=batch.x)
 
 
-def _initial_clusters(x, num_components):
-    """k-means centres, per-cluster standard deviations and soft responsibilities."""
+def _initial_clusters(x, num_components, max_points=10_000):
+    """k-means centres, per-cluster standard deviations and proportions, from at most max_points points."""
+    if x.shape[0] > max_points:  # the initial guess needs no more points than that
+        x = x[torch.randperm(x.shape[0], device=x.device)[:max_points]]
     centers, labels = kmeans(x, num_components)
     spread = torch.stack([x[labels == k].std(dim=0) if (labels == k).sum() > 1 else x.std(dim=0) for k in range(num_components)])
     spread = spread.clamp(min=0.05 * x.std(dim=0).clamp(min=1e-3))
-    log_density = dist.Normal(centers, spread).log_prob(x.unsqueeze(-2)).sum(-1)
-    return centers, spread, log_density.softmax(dim=-1)
+    proportions = (torch.bincount(labels, minlength=num_components) + 1.0) / (x.shape[0] + num_components)
+    return centers, spread, proportions
+
+
+def optimal_assignment_logits(x, concentration, locs_loc, locs_scale, scales_loc, scales_scale):
+    """log q(z[i] = k) up to a constant, at its coordinate-ascent optimum (Bishop 2006, eq. 10.46):
+
+        log q(z[i] = k) = E[log weights[k]] + sum_d E[log Normal(x[i, d] | loc[k, d], scale[k, d])] + const
+
+    with the expectations under the guide's Dirichlet, Normal and LogNormal factors:
+
+        E[log weights[k]]  = digamma(concentration[k]) - digamma(sum_j concentration[j])
+        E[log scale]       = scales_loc
+        E[1 / scale^2]     = exp(-2 scales_loc + 2 scales_scale^2)
+        E[(x - loc)^2]     = (x - locs_loc)^2 + locs_scale^2
+    """
+    expected_log_weights = torch.digamma(concentration) - torch.digamma(concentration.sum(-1, keepdim=True))
+    expected_precision = torch.exp(-2.0 * scales_loc + 2.0 * scales_scale.square())
+    expected_square = (x.unsqueeze(-2) - locs_loc).square() + locs_scale.square()  # (batch, K, D)
+    expected_log_density = -0.5 * math.log(2 * math.pi) - scales_loc - 0.5 * expected_square * expected_precision
+    return expected_log_weights + expected_log_density.sum(-1)
 
 
 class MeanField:
-    """q(weights) q(locs) q(scales) prod_i q(z_i), all factors independent."""
+    """q(weights) q(locs) q(scales) prod_i q(z_i), all factors independent; q(z_i) at its optimum."""
 
     def __init__(self, options, data):
-        self.init_locs, self.init_scales, self.init_probs = _initial_clusters(data["x"], options.num_components)
+        self.num_data = data["x"].shape[0]
+        self.init_locs, self.init_scales, self.init_proportions = _initial_clusters(data["x"], options.num_components)
 
     def globals(self, options):
-        num_data = self.init_probs.shape[0]
-        concentration = pyro.param(
-            "weights_concentration", lambda: 1.0 + num_data * self.init_probs.mean(0), constraint=constraints.positive
-        )
+        """Sample weights, locs and scales; return the variational parameters (q(z) is computed from them)."""
+        counts = (self.num_data * self.init_proportions).unsqueeze(-1)  # points per component, (K, 1)
+        concentration = pyro.param("weights_concentration", lambda: 1.0 + counts.squeeze(-1), constraint=constraints.positive)
         pyro.sample("weights", dist.Dirichlet(concentration))
+        # posterior sd of a cluster mean ~ spread / sqrt(n_k), of a log standard deviation ~ 1 / sqrt(2 n_k)
         locs_loc = pyro.param("locs_loc", lambda: self.init_locs.clone())
-        locs_scale = pyro.param("locs_scale", lambda: torch.full_like(self.init_locs, 0.1), constraint=constraints.positive)
+        locs_scale = pyro.param("locs_scale", lambda: self.init_scales / counts.sqrt(), constraint=constraints.positive)
         scales_loc = pyro.param("scales_loc", lambda: self.init_scales.log())
-        scales_scale = pyro.param("scales_scale", lambda: torch.full_like(self.init_scales, 0.1), constraint=constraints.positive)
+        scales_scale = pyro.param(
+            "scales_scale", lambda: (2.0 * counts).rsqrt().expand_as(self.init_scales).clone(), constraint=constraints.positive
+        )
         with pyro.plate("components", options.num_components):
             pyro.sample("locs", dist.Normal(locs_loc, locs_scale).to_event(1))
             pyro.sample("scales", dist.LogNormal(scales_loc, scales_scale).to_event(1))
+        return concentration, locs_loc, locs_scale, scales_loc, scales_scale
 
     def __call__(self, batch, options):
-        self.globals(options)
-        z_probs = pyro.param("z_probs", lambda: self.init_probs.clone(), constraint=constraints.simplex)
+        variational = self.globals(options)
         with pyro.plate("data", batch.num_data, subsample=batch.index):
-            pyro.sample("z", dist.Categorical(z_probs[batch.index]))
+            pyro.sample("z", dist.Categorical(logits=optimal_assignment_logits(batch.x, *variational)))
 
 
 class MAP:
     """Point estimates of the globals; the assignments z are summed out in the model."""
 
     def __init__(self, options, data):
-        self.init_locs, self.init_scales, self.init_probs = _initial_clusters(data["x"], options.num_components)
+        self.init_locs, self.init_scales, self.init_proportions = _initial_clusters(data["x"], options.num_components)
 
     def __call__(self, batch, options):
-        weights = pyro.param("weights_map", lambda: self.init_probs.mean(0), constraint=constraints.simplex)
+        weights = pyro.param("weights_map", lambda: self.init_proportions.clone(), constraint=constraints.simplex)
         locs = pyro.param("locs_map", lambda: self.init_locs.clone())
         scales = pyro.param("scales_map", lambda: self.init_scales.clone(), constraint=constraints.positive)
         pyro.sample("weights", dist.Delta(weights, event_dim=1))
