@@ -26,7 +26,7 @@ from pyro.distributions import constraints
 from ppvi.data import read_csv
 from ppvi.errors import DataError
 
-FIT_DEFAULTS = {"steps": 3000, "lr": 0.2, "lr_decay": 0.05}
+FIT_DEFAULTS = {"steps": 3000, "lr": 0.2, "lr_decay": 0.01, "vectorize_particles": True}
 
 
 @dataclass

@@ -222,10 +222,22 @@ class Estimator:
 
 
 def make_estimator(
-    name: str, reason: str, sites: list[Site], model_fn, guide_fn, *args, num_particles: int = 1, max_plate_nesting: int = 0
+    name: str,
+    reason: str,
+    sites: list[Site],
+    model_fn,
+    guide_fn,
+    *args,
+    num_particles: int = 1,
+    vectorize_particles: bool = False,
+    max_plate_nesting: int = 0,
 ) -> Estimator:
-    """Build the Pyro ELBO for a chosen estimator (see :func:`choose_estimator`)."""
-    common = dict(num_particles=num_particles, vectorize_particles=False, max_plate_nesting=max_plate_nesting)
+    """Build the Pyro ELBO for a chosen estimator (see :func:`choose_estimator`).
+
+    ``vectorize_particles`` draws all particles in one pass, in an extra plate left of the
+    model's plates (Pyro's ``vectorize_particles``); the model must broadcast over it.
+    """
+    common = dict(num_particles=num_particles, vectorize_particles=vectorize_particles and num_particles > 1, max_plate_nesting=max_plate_nesting)
     if name == "reparam":
         if _is_mean_field(guide_fn, *args):
             return Estimator(name, reason + "; analytic KL where registered (TraceMeanField_ELBO)", TraceMeanField_ELBO(**common), model_fn, guide_fn)

@@ -236,6 +236,7 @@ def fit(
     lr: float | None = None,
     lr_decay: float | None = None,
     num_particles: int = 1,
+    vectorize_particles: bool | None = None,
     device: str = "auto",
     seed: int = 0,
     restarts: int = 1,
@@ -271,6 +272,9 @@ def fit(
         (``lr * lr_decay ** (step / steps)``, as Pyro's ClippedAdam ``lrd``); default 1 (constant).
     num_particles : int
         Samples per ELBO estimate.
+    vectorize_particles : bool, optional
+        Draw the particles in one vectorized pass (the model must broadcast over a
+        leading particle dimension); default from the model file, else False.
     device : {"auto", "cpu", "cuda"}
     seed : int
         Restart ``r`` uses seed ``seed + r``.
@@ -304,6 +308,8 @@ def fit(
     lr = _positive("lr", lr if lr is not None else defaults.get("lr", DEFAULT_LR), kind=float)
     lr_decay = _positive("lr-decay", lr_decay if lr_decay is not None else defaults.get("lr_decay", 1.0), kind=float)
     num_particles = _positive("num-particles", num_particles)
+    if vectorize_particles is None:
+        vectorize_particles = bool(defaults.get("vectorize_particles", False))
     restarts = _positive("restarts", restarts)
     checkpoint_every = _positive("checkpoint-every", checkpoint_every)
     if steps is None and epochs is None:
@@ -356,6 +362,7 @@ def fit(
         "lr": lr,
         "lr_decay": lr_decay,
         "num_particles": num_particles,
+        "vectorize_particles": vectorize_particles,
         "device": str(torch_device),
         "seed": seed,
         "restarts": restarts,
@@ -384,7 +391,8 @@ def fit(
                 sites, plate_depth = inspect_sites(model_fn, guide_fn, first, options)  # also creates the parameters
                 name, reason = choose_estimator(estimator, sites)
                 chosen = make_estimator(
-                    name, reason, sites, model_fn, guide_fn, first, options, num_particles=num_particles, max_plate_nesting=plate_depth
+                    name, reason, sites, model_fn, guide_fn, first, options, num_particles=num_particles,
+                    vectorize_particles=vectorize_particles, max_plate_nesting=plate_depth,
                 )
             if restart == 0:
                 log_fn(f"estimator: {chosen.name} ({chosen.reason})")
@@ -561,6 +569,7 @@ def resume(run_dir: str | Path, *, progress: bool = False, log_fn=None) -> FitRe
         lr=config["lr"],
         lr_decay=config.get("lr_decay"),
         num_particles=config["num_particles"],
+        vectorize_particles=config.get("vectorize_particles"),
         device=config["device"].split(":")[0],
         seed=config["seed"],
         restarts=config["restarts"],
