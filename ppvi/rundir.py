@@ -92,7 +92,12 @@ def plot_trace(run_dir: Path, trace: pd.DataFrame, title: str) -> None:
 
     figure, axes = plt.subplots(figsize=(6, 3.5), layout="constrained")
     frame = trace.assign(restart=trace["restart"].astype(str))
-    sns.lineplot(data=frame, x="step", y="elbo", hue="restart" if frame["restart"].nunique() > 1 else None, ax=axes, linewidth=0.8)
+    window = max(1, len(frame) // (50 * frame["restart"].nunique()))
+    frame["smoothed"] = frame.groupby("restart")["elbo"].transform(lambda s: s.rolling(window, center=True, min_periods=1).mean())
+    hue = "restart" if frame["restart"].nunique() > 1 else None
+    sns.lineplot(data=frame, x="step", y="elbo", hue=hue, ax=axes, linewidth=0.6, alpha=0.35, legend=False)
+    if window > 1:  # the rolling mean shows the trend under the per-step Monte Carlo noise
+        sns.lineplot(data=frame, x="step", y="smoothed", hue=hue, ax=axes, linewidth=1.4)
     low, high = frame["elbo"].quantile([0.05, 1.0])
     if frame["elbo"].min() < low - (high - low):  # keep early transients from flattening the picture
         axes.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
