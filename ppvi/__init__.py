@@ -14,6 +14,19 @@ from .errors import DataError, TrainingDiverged, UsageError
 from .estimators import ESTIMATORS, choose_estimator, inspect_sites
 from .fit import FitResult, RestartResult, fit, resolve_device, resume
 from .gallery import gallery_names, load_model
+from .runs import load_run
+
+# ppvi.diagnostics imports ArviZ (seconds): its names load on first use.
+_DIAGNOSTICS = ("diagnose", "to_inference_data")
+
+
+def __getattr__(name):
+    if name in _DIAGNOSTICS:
+        from . import diagnostics
+
+        return getattr(diagnostics, name)
+    raise AttributeError(f"module 'ppvi' has no attribute {name!r}")
+
 
 __all__ = [
     "Batch",
@@ -25,11 +38,14 @@ __all__ = [
     "UsageError",
     "choose_estimator",
     "compare_runs",
+    "diagnose",
     "fit",
     "gallery_names",
     "inspect_sites",
     "load_model",
+    "load_run",
     "plot_traces",
     "resolve_device",
     "resume",
+    "to_inference_data",
 ]

@@ -183,6 +183,28 @@ def compare_command(run_dirs, out, smooth):
         output.print(f"wrote {out}")
 
 
+@cli.command("diagnose")
+@click.argument("run_dir", type=click.Path())
+@click.option("--num-samples", type=int, default=1000, show_default=True, help="Guide draws per restart.")
+@click.option("--reference", help="Also run a reference sampler and compare: nuts (small models only).")
+@click.option("--nuts-samples", type=int, default=1000, show_default=True, help="NUTS draws (after half as many warm-up steps, at least 200).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of NUTS).")
+@click.option("--progress/--no-progress", default=None, help="NUTS progress bar (default: when stderr is a terminal).")
+def diagnose_command(run_dir, num_samples, reference, nuts_samples, seed, progress):
+    """Judge a fitted guide: ArviZ summary, PSIS k-hat, R-hat across restarts, PSIS-LOO, and optionally NUTS.
+
+    Writes posterior.nc, summary.csv and diagnostics.json (and nuts_comparison.csv,
+    nuts_forest.png with --reference nuts) into RUN_DIR.
+    """
+    from .diagnostics import diagnose, format_diagnosis
+
+    progress = sys.stderr.isatty() if progress is None else progress
+    diagnosis = diagnose(
+        run_dir, num_samples=num_samples, seed=seed, reference=reference, nuts_samples=nuts_samples, progress=progress, log_fn=console.print
+    )
+    output.print(format_diagnosis(diagnosis), soft_wrap=True)
+
+
 def main(argv=None) -> int:
     """Entry point of the console script; returns the exit code."""
     debug = bool(os.environ.get("PPVI_DEBUG"))
