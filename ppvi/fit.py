@@ -410,7 +410,8 @@ def fit(
 
             pyro.set_rng_seed(restart_seed)
             store = pyro.get_param_store()
-            optimizer = torch.optim.Adam(list(_trainable(store).values()), lr=lr)
+            # fused Adam keeps its step counters on the GPU: the default implementation syncs per parameter per step
+            optimizer = torch.optim.Adam(list(_trainable(store).values()), lr=lr, fused=torch_device.type == "cuda")
             start, elapsed = 0, 0.0
             if restart < len(snapshots):
                 _restore(store, optimizer, snapshots[restart], torch_device)
