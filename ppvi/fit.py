@@ -138,10 +138,11 @@ class _Batches:
         if self.batch_size is None:
             return self.full
         start, stop = step * self.batch_size, (step + 1) * self.batch_size
-        first, last = start // self.num_data, (stop - 1) // self.num_data
-        stream = torch.cat([self._permutation(epoch) for epoch in range(first, last + 1)])
-        offset = first * self.num_data
-        return stream[start - offset : stop - offset]
+        pieces = [
+            self._permutation(epoch)[max(start - epoch * self.num_data, 0) : stop - epoch * self.num_data]
+            for epoch in range(start // self.num_data, (stop - 1) // self.num_data + 1)
+        ]  # a batch straddles at most a few epochs; slicing first keeps a step O(batch size)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _batch(data: dict, index: torch.Tensor, num_data: int, full: bool) -> Batch:
