@@ -8,12 +8,14 @@ The public API, re-exported explicitly::
 
 __version__ = "0.1.0"
 
+from . import guides
 from .compare import compare_runs, plot_traces
 from .data import Batch
 from .errors import DataError, TrainingDiverged, UsageError
 from .estimators import ESTIMATORS, choose_estimator, inspect_sites
 from .fit import FitResult, RestartResult, fit, resolve_device, resume
 from .gallery import gallery_names, load_model
+from .guides import auto, standard_guides
 from .runs import load_run
 
 # ppvi.diagnostics imports ArviZ (seconds): its names load on first use.
@@ -30,6 +32,9 @@ def __getattr__(name):
 
 __all__ = [
     "Batch",
+    "auto",
+    "guides",
+    "standard_guides",
     "DataError",
     "ESTIMATORS",
     "FitResult",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 import typing
@@ -111,7 +112,7 @@ class FitCommand(click.Command):
 @click.option("--batch-size", type=int, help="Minibatch size (default: full batch).")
 @click.option("--lr", type=float, help="Adam learning rate (default from the model file).")
 @click.option("--lr-decay", type=float, help="Decay the learning rate by this factor over the fit (e.g. 0.1).")
-@click.option("--num-particles", type=int, default=1, show_default=True, help="Samples per ELBO estimate.")
+@click.option("--num-particles", type=int, help="Samples per ELBO estimate (default from the model file, else 1).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; restart r uses seed + r.")
 @click.option("--restarts", type=int, default=1, show_default=True, help="Independent fits from different seeds.")
@@ -145,7 +146,7 @@ def fit_command(ctx, model, guide, estimator, data, steps, epochs, batch_size, l
         )
     seconds = time.perf_counter() - started
     finals = ", ".join(f"{r.final_elbo:.4g}" for r in result.restarts)
-    output.print(f"final ELBO (mean of last 10% of steps): {finals}   [{result.device}, {seconds:.1f} s]")
+    output.print(f"final ELBO (median of last 10% of steps): {finals}   [{result.device}, {seconds:.1f} s]")
     output.print(f"run directory: {result.run_dir}")
 
 
@@ -161,11 +162,11 @@ def compare_command(run_dirs, out, smooth):
         if not Path(run_dir).is_dir():
             raise UsageError(f"{run_dir}: no such run directory.")
     frame = compare_runs(run_dirs)
-    table = Table(title="final ELBO (mean of last 10% of steps, per restart)")
+    table = Table(title="final ELBO (median of last 10% of steps, per restart)")
     for column in ("run", "model", "guide", "estimator", "steps", "final ELBO"):
         table.add_column(column)
     for (run, model, guide, estimator), group in frame.groupby(["run", "model", "guide", "estimator"], sort=False):
-        finals = group.groupby("restart")["elbo"].apply(lambda s: s.iloc[-max(1, len(s) // 10):].mean())
+        finals = group.groupby("restart")["elbo"].apply(lambda s: s.iloc[-max(1, len(s) // 10):].median())
         table.add_row(run, model, guide, estimator, str(group["step"].max() + 1), ", ".join(f"{v:.4g}" for v in finals))
     output.print(table)
     if out is not None:
@@ -222,7 +223,9 @@ def main(argv=None) -> int:
     except UsageError as error:
         if debug:
             raise
-        console.print(f"error: {error}", soft_wrap=True)
+        # Pyro appends a table of trace shapes to errors raised inside a model or guide: keep the message
+        message = re.split(r"\n\s*Trace Shapes:", str(error))[0].rstrip()
+        console.print(f"error: {message}", soft_wrap=True)
         return 2
     except TrainingDiverged as error:
         if debug:

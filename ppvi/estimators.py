@@ -193,13 +193,32 @@ class _ScoreFunction(Messenger):
         msg["infer"].setdefault("baseline", {"use_decaying_avg_baseline": True, "baseline_beta": self.baseline_beta})
 
 
-def _is_mean_field(guide_fn, *args) -> bool:
-    """True when no guide site's distribution depends on another latent sample (so KL terms are per site)."""
+def _analytic_kl_applies(model_fn, guide_fn, *args) -> bool:
+    """True when the guide is mean-field and some site's KL(q || p) has a closed form.
+
+    Mean-field: no guide site's distribution depends on another latent sample, so the KL
+    splits into per-site terms (TraceMeanField_ELBO's assumption). Autoguides sample an
+    auxiliary latent and emit Delta sites, for which no KL is registered: they get Trace_ELBO.
+    """
     try:
+        guide_trace = poutine.trace(guide_fn).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(*args)
         dependencies = pyro.infer.inspect.get_dependencies(guide_fn, args)["prior_dependencies"]
     except Exception:  # provenance tracking does not cover every guide; fall back to Monte Carlo KL
         return False
-    return all(set(upstream) <= {name} for name, upstream in dependencies.items())
+    if not all(set(upstream) <= {name} for name, upstream in dependencies.items()):
+        return False
+    for name, msg in guide_trace.nodes.items():
+        if msg["type"] != "sample" or msg["is_observed"] or name not in model_trace.nodes:
+            continue
+        if _distribution_name(msg["fn"]) == "Delta":  # Pyro's KL(Delta || p) is just -log p: nothing analytic
+            continue
+        try:
+            torch.distributions.kl_divergence(msg["fn"], model_trace.nodes[name]["fn"])
+            return True
+        except NotImplementedError:
+            continue
+    return False
 
 
 @dataclass(frozen=True)
@@ -239,7 +258,7 @@ def make_estimator(
     """
     common = dict(num_particles=num_particles, vectorize_particles=vectorize_particles and num_particles > 1, max_plate_nesting=max_plate_nesting)
     if name == "reparam":
-        if _is_mean_field(guide_fn, *args):
+        if _analytic_kl_applies(model_fn, guide_fn, *args):
             return Estimator(name, reason + "; analytic KL where registered (TraceMeanField_ELBO)", TraceMeanField_ELBO(**common), model_fn, guide_fn)
         return Estimator(name, reason + " (Trace_ELBO)", Trace_ELBO(**common), model_fn, guide_fn)
     if name == "enum":

@@ -48,9 +48,10 @@ class RestartResult:
 
     @property
     def final_elbo(self) -> float:
-        """Mean ELBO over the last tenth of the steps (a single step is noisy)."""
+        """Median ELBO over the last tenth of the steps (one step is noisy, and heavy-tailed
+        importance weights can throw single steps far off: a median is not moved by them)."""
         tail = max(1, len(self.elbo_trace) // 10)
-        return float(self.elbo_trace["elbo"].iloc[-tail:].mean())
+        return float(self.elbo_trace["elbo"].iloc[-tail:].median())
 
 
 @dataclass
@@ -236,7 +237,7 @@ def fit(
     batch_size: int | None = None,
     lr: float | None = None,
     lr_decay: float | None = None,
-    num_particles: int = 1,
+    num_particles: int | None = None,
     vectorize_particles: bool | None = None,
     device: str = "auto",
     seed: int = 0,
@@ -271,8 +272,8 @@ def fit(
     lr_decay : float, optional
         Factor by which the learning rate decays, exponentially, over the whole fit
         (``lr * lr_decay ** (step / steps)``, as Pyro's ClippedAdam ``lrd``); default 1 (constant).
-    num_particles : int
-        Samples per ELBO estimate.
+    num_particles : int, optional
+        Samples per ELBO estimate (default from the model file, else 1).
     vectorize_particles : bool, optional
         Draw the particles in one vectorized pass (the model must broadcast over a
         leading particle dimension); default from the model file, else False.
@@ -308,7 +309,7 @@ def fit(
     batch_size = _positive("batch-size", batch_size if batch_size is not None else defaults.get("batch_size"))
     lr = _positive("lr", lr if lr is not None else defaults.get("lr", DEFAULT_LR), kind=float)
     lr_decay = _positive("lr-decay", lr_decay if lr_decay is not None else defaults.get("lr_decay", 1.0), kind=float)
-    num_particles = _positive("num-particles", num_particles)
+    num_particles = _positive("num-particles", num_particles if num_particles is not None else defaults.get("num_particles", 1))
     if vectorize_particles is None:
         vectorize_particles = bool(defaults.get("vectorize_particles", False))
     restarts = _positive("restarts", restarts)
