@@ -23,7 +23,7 @@ from pyro.util import get_rng_state, set_rng_state
 from . import rundir
 from .data import Batch
 from .errors import UsageError
-from .fit import FitResult, RestartResult
+from .fit import FitResult, RestartResult, _instantiate  # one rule for building model and guide classes
 from .gallery import load_model
 
 __all__ = ["load_run", "restart_params", "full_batch", "rng_scope"]
@@ -133,16 +133,6 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
     )
     result.params = result.best.params
     return result
-
-
-def _instantiate(component, options, data):
-    # As in the fit: a class in a model file is instantiated once per restart as Component(options, data).
-    if not isinstance(component, type):
-        return component
-    try:
-        return component(options, data)
-    except ValueError as error:
-        raise UsageError(f"{component.__name__}: {error}") from None
 
 
 def full_batch(result: FitResult) -> Batch:
