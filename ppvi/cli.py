@@ -67,15 +67,25 @@ def _model_option(field: dataclasses.Field, hints: dict) -> click.Option:
 
 
 def _find_model_argument(args: list[str]) -> str | None:
-    skip = False
+    """MODEL among the arguments, before the model's own options are known.
+
+    The values of those options (``--num-components 3 gmm``) are not MODEL: prefer the first
+    word that names a gallery model or a file, else the first free word (for the error message).
+    """
+    from .gallery import gallery_names
+
+    skip, words = False, []
     for arg in args:
         if skip:
             skip = False
         elif arg in FIT_VALUE_OPTIONS:
             skip = True
         elif not arg.startswith("-"):
-            return arg
-    return None
+            words.append(arg)
+    names = set(gallery_names())
+    known = [word for word in words if word in names or word.endswith(".py") or "/" in word]
+    unnumbered = [word for word in words if not word.lstrip("-").replace(".", "", 1).isdigit()]
+    return (known or unnumbered or words or [None])[0]
 
 
 class FitCommand(click.Command):

@@ -363,3 +363,9 @@ def test_compare_writes_a_png(cli, gmm_run, tmp_path):
     assert result.code == 0, result.text
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_model_option_may_come_before_the_model_name(cli, tmp_path):
+    result = cli("fit", "--num-components", "3", "gmm", "--steps", "5", "--out", tmp_path / "run")
+    assert result.code == 0, result.text
+    assert '"num_components": 3' in (tmp_path / "run" / "config.json").read_text()
