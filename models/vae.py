@@ -38,6 +38,11 @@ Data: scikit-learn's 8x8 digits by default (1797 images, ``ppvi.images.load_digi
 (``ppvi.images.load_mnist(DIR, "train")``). The data dict is ``{"x": images, "labels": labels}``:
 ``x`` float32 in [0, 1], flattened to (N, H*W) for mlp, (N, 1, 28, 28) for conv; the labels ride
 along (the fit ignores them) for colouring latent plots.
+
+Fit defaults (100 epochs, batches of 128, lr 3e-3) are sized for the digits: about 1,400 steps,
+5-15 s on one CPU core, ending near -25.4 nats per binarized image (L = 2). On MNIST give
+``--epochs``: one epoch of the 60,000 training images is 469 steps, and a conv step on a batch of
+128 takes about 0.1 s on one CPU core.
 """
 
 from dataclasses import dataclass, field
