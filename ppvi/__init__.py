@@ -12,6 +12,7 @@ from . import guides
 from .compare import compare_runs, plot_traces
 from .data import Batch
 from .errors import DataError, TrainingDiverged, UsageError
+from .evaluate import elbo_per_point, evaluate, iwae_bound, log_weights, score
 from .estimators import ESTIMATORS, choose_estimator, inspect_sites
 from .fit import FitResult, RestartResult, fit, resolve_device, resume
 from .gallery import gallery_names, load_model
@@ -44,13 +45,18 @@ __all__ = [
     "choose_estimator",
     "compare_runs",
     "diagnose",
+    "elbo_per_point",
+    "evaluate",
     "fit",
     "gallery_names",
     "inspect_sites",
+    "iwae_bound",
     "load_model",
     "load_run",
+    "log_weights",
     "plot_traces",
     "resolve_device",
     "resume",
+    "score",
     "to_inference_data",
 ]

@@ -216,6 +216,47 @@ def diagnose_command(run_dir, num_samples, reference, nuts_samples, seed, progre
     output.print(format_diagnosis(diagnosis), soft_wrap=True)
 
 
+@cli.command("evaluate")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", help="Points to evaluate (a --data source for the run's model); default: the training data.")
+@click.option("--split", type=click.Choice(["train", "test"]), help="With --data DIR of MNIST IDX files: test reads its t10k-* split.")
+@click.option("--iwae-k", "iwae_k", type=int, default=1000, show_default=True, help="K, importance samples per data point.")
+@click.option("--batch-size", type=int, default=100, show_default=True, help="Data points per batch (memory: batch size x 100 samples at a time).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of the binarization, for the vae).")
+def evaluate_command(run_dir, data, split, iwae_k, batch_size, seed):
+    """ELBO and IWAE estimate of log p(x) per data point (nats), for amortized local-latent models (vae, ppca)."""
+    from .evaluate import evaluate
+
+    if iwae_k < 1:
+        raise UsageError(f"--iwae-k must be at least 1 (got {iwae_k}).")
+    frame = evaluate(run_dir, data=data, num_samples=iwae_k, batch_size=batch_size, seed=seed, split=split)
+    table = Table(title=f"{frame.attrs['data']}: {int(frame['num_points'][0])} points, K = {iwae_k} (nats per point)")
+    for column in ("estimate", "mean", "standard error"):
+        table.add_column(column)
+    for _, row in frame.iterrows():
+        table.add_row(row["estimate"], f"{row['mean']:.4f}", f"{row['se']:.4f}")
+    output.print(table)
+
+
+@cli.command("score")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", help="Points to score (a --data source for the run's model); default: the training data.")
+@click.option("--split", type=click.Choice(["train", "test"]), help="With --data DIR of MNIST IDX files: test reads its t10k-* split.")
+@click.option("--iwae-k", "iwae_k", type=int, default=1000, show_default=True, help="K, importance samples per data point.")
+@click.option("--batch-size", type=int, default=100, show_default=True, help="Data points per batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of the binarization, for the vae).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="CSV to write: index, log_p, elbo[, label], in data order.")
+def score_command(run_dir, data, split, iwae_k, batch_size, seed, out):
+    """Per-example IWAE log p(x) as CSV, to rank the least likely inputs (sort by log_p)."""
+    from .evaluate import score
+
+    if iwae_k < 1:
+        raise UsageError(f"--iwae-k must be at least 1 (got {iwae_k}).")
+    frame = score(run_dir, data=data, num_samples=iwae_k, out=out, batch_size=batch_size, seed=seed, split=split)
+    lowest = frame.nsmallest(1, "log_p").iloc[0]
+    output.print(f"wrote {out}: {len(frame)} rows; mean log_p {frame['log_p'].mean():.4f}, lowest {lowest['log_p']:.4f} (index {int(lowest['index'])})")
+
+
 def main(argv=None) -> int:
     """Entry point of the console script; returns the exit code."""
     debug = bool(os.environ.get("PPVI_DEBUG"))
