@@ -194,11 +194,14 @@ class _ScoreFunction(Messenger):
 
 
 def _analytic_kl_applies(model_fn, guide_fn, *args) -> bool:
-    """True when the guide is mean-field and some site's KL(q || p) has a closed form.
+    """True when the guide is mean-field, has no Delta site, and some site's KL(q || p) has a closed form.
 
     Mean-field: no guide site's distribution depends on another latent sample, so the KL
-    splits into per-site terms (TraceMeanField_ELBO's assumption). Autoguides sample an
-    auxiliary latent and emit Delta sites, for which no KL is registered: they get Trace_ELBO.
+    splits into per-site terms (TraceMeanField_ELBO's assumption). Delta sites (autoguides
+    emit them after sampling an auxiliary latent) rule it out: Pyro 1.9's registered
+    KL(Delta || p) = -log p(v) ignores the Delta's log_density (the Jacobian of an
+    autoguide's transform), which silently changes the objective (NumPyro fixed the same
+    bug in PR #1625). Such guides get Trace_ELBO, which is correct for them.
     """
     try:
         guide_trace = poutine.trace(guide_fn).get_trace(*args)
@@ -211,7 +214,10 @@ def _analytic_kl_applies(model_fn, guide_fn, *args) -> bool:
     for name, msg in guide_trace.nodes.items():
         if msg["type"] != "sample" or msg["is_observed"] or name not in model_trace.nodes:
             continue
-        if _distribution_name(msg["fn"]) == "Delta":  # Pyro's KL(Delta || p) is just -log p: nothing analytic
+        if _distribution_name(msg["fn"]) == "Delta":
+            return False
+    for name, msg in guide_trace.nodes.items():
+        if msg["type"] != "sample" or msg["is_observed"] or name not in model_trace.nodes:
             continue
         try:
             torch.distributions.kl_divergence(msg["fn"], model_trace.nodes[name]["fn"])
