@@ -190,6 +190,10 @@ class Model:
         else:
             self.decoder = MLPDecoder(options.latent_dim, options.hidden_dim, num_pixels)
 
+    def decode(self, z):
+        """Pixel means of p(x | z), in [0, 1], shaped (..., *image_shape), for a batch of codes (..., L)."""
+        return torch.sigmoid(self.decoder(z)).reshape(*z.shape[:-1], *self.image_shape)
+
     def __call__(self, batch, options):
         pyro.module("decoder", self.decoder)
         x = batch.x

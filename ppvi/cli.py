@@ -257,6 +257,49 @@ def score_command(run_dir, data, split, iwae_k, batch_size, seed, out):
     output.print(f"wrote {out}: {len(frame)} rows; mean log_p {frame['log_p'].mean():.4f}, lowest {lowest['log_p']:.4f} (index {int(lowest['index'])})")
 
 
+@cli.command("sample")
+@click.argument("run_dir", type=click.Path())
+@click.option("-n", "n", type=int, default=16, show_default=True, help="Prior samples (or, with --reconstruct, inputs to reconstruct).")
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default: RUN_DIR/samples.png, reconstructions.png, manifold.png or latent.png).")
+@click.option("--reconstruct", is_flag=True, help="The first n inputs (top row) beside decode(encode(x).loc) (bottom row).")
+@click.option("--manifold", "manifold_", is_flag=True, help="Decode a grid x grid lattice of Gaussian quantiles (latent_dim 2 only).")
+@click.option("--latent", is_flag=True, help="Scatter of the posterior means of q(z | x), coloured by label (PCA beyond 2 dims).")
+@click.option("--grid", type=int, default=15, show_default=True, help="Side of the --manifold lattice.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prior draws.")
+def sample_command(run_dir, n, out, reconstruct, manifold_, latent, grid, seed):
+    """Images from a fitted generative model (one whose model defines decode(z), like vae): a PNG grid."""
+    import numpy as np
+
+    from . import sampling
+
+    if sum((reconstruct, manifold_, latent)) > 1:
+        raise UsageError("give at most one of --reconstruct, --manifold, --latent.")
+    if n < 1:
+        raise UsageError(f"-n must be at least 1 (got {n}).")
+    if grid < 1:
+        raise UsageError(f"--grid must be at least 1 (got {grid}).")
+    from .runs import load_run
+
+    result = load_run(run_dir)
+    kind = "reconstructions" if reconstruct else "manifold" if manifold_ else "latent" if latent else "samples"
+    out = Path(out) if out is not None else Path(run_dir) / f"{kind}.png"
+    if latent:
+        sampling.save_figure(sampling.latent_scatter(result), out)
+        output.print(f"wrote {out}")
+        return
+    if reconstruct:
+        inputs, outputs = sampling.reconstructions(result, n, seed)
+        images, rows, cols = np.concatenate([inputs, outputs]), 2, len(inputs)
+    elif manifold_:
+        lattice = sampling.manifold(result, grid)
+        images, rows, cols = lattice.reshape(-1, *lattice.shape[2:]), grid, grid
+    else:
+        images = sampling.prior_samples(result, n, seed)
+        rows, cols = sampling.prior_grid_shape(n)
+    height, width = sampling.save_grid(images, out, rows=rows, cols=cols)
+    output.print(f"wrote {out}: {rows}x{cols} tiles of {images.shape[1]}x{images.shape[2]}, {width}x{height} pixels")
+
+
 def main(argv=None) -> int:
     """Entry point of the console script; returns the exit code."""
     debug = bool(os.environ.get("PPVI_DEBUG"))
