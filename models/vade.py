@@ -32,8 +32,11 @@ cluster sizes.
 Data: scikit-learn's 8x8 digits by default (1797 images with labels); ``--data DIR`` reads the
 MNIST training split from a folder of IDX files. The data dict is ``{"x": (N, H*W), "labels": (N,)}``.
 
-Fit defaults (60 epochs of batches of 128 on the digits, about 850 steps, lr 3e-3) finish in well
-under a minute on 2 CPU cores.
+Fit defaults (60 epochs of batches of 128 on the digits, 900 steps, lr 3e-3): about 17 s for
+``ppvi fit vade`` on 2 CPU cores, ending near -24.1 nats per binarized image, with cluster accuracy
+0.60, 0.55, 0.60 for seeds 0, 1, 2 (chance under the best map is 0.13). Some clusters end empty:
+there is no autoencoder pretraining or GMM initialisation of mu as in the VaDE paper, so this is
+below k-means on the raw pixels (0.79, scikit-learn, 10 inits), not a reproduction of the paper's numbers.
 """
 
 from dataclasses import dataclass, field
