@@ -155,8 +155,13 @@ def fit_command(ctx, model, guide, estimator, data, steps, epochs, batch_size, l
             out=out, checkpoint_every=checkpoint_every, progress=progress, log_fn=console.print,
         )
     seconds = time.perf_counter() - started
-    finals = ", ".join(f"{r.final_elbo:.4g}" for r in result.restarts)
+    num_data = result.config["num_data"]
+    finals = ", ".join(f"{r.final_elbo:.4g} ({r.final_elbo / num_data:.4g} per point)" for r in result.restarts)
     output.print(f"final ELBO (median of last 10% of steps): {finals}   [{result.device}, {seconds:.1f} s]")
+    summarize_fn = getattr(result.model_file.module, "summarize", None)  # optional in a model file
+    if summarize_fn is not None:
+        for key, value in summarize_fn(result).items():
+            output.print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     output.print(f"run directory: {result.run_dir}")
 
 

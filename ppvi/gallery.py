@@ -18,6 +18,8 @@ A model file is a plain Python module. ppvi reads these names from it:
     Returns a dict of per-point tensors (leading dimension = data points).
     ``source`` is None for the built-in default, else the ``--data`` string.
     Without it, ``--data FILE.csv`` is required and read into ``{"x": ...}``.
+``summarize(result)`` (optional)
+    Returns a dict of numbers worth printing after a fit (e.g. cluster accuracy).
 ``FIT_DEFAULTS`` (optional)
     Default fit settings for this model, e.g. ``{"steps": 1000, "lr": 0.05}``.
 
