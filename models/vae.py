@@ -205,7 +205,8 @@ class Model:
             logits = self.decoder(z).reshape(*z.shape[:-1], *self.image_shape)
             event_dims = len(self.image_shape)
             if options.likelihood == "bernoulli":
-                pyro.sample("x", dist.Bernoulli(logits=logits).to_event(event_dims), obs=binarize(x))
+                # x was checked once in __init__: checking every batch would sync the GPU each step
+                pyro.sample("x", dist.Bernoulli(logits=logits).to_event(event_dims), obs=binarize(x, check=False))
             else:
                 pyro.sample("x", dist.Normal(torch.sigmoid(logits), scale).to_event(event_dims), obs=x)
 

@@ -301,7 +301,7 @@ def check_unit_interval(images: torch.Tensor, name: str) -> torch.Tensor:
     return images
 
 
-def binarize(images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def binarize(images: torch.Tensor, *, generator: torch.Generator | None = None, check: bool = True) -> torch.Tensor:
     """Dynamic binarization: one Bernoulli draw per pixel, with the intensity as its probability.
 
     A fresh draw each time it is called (e.g. each minibatch), the usual data
@@ -313,6 +313,9 @@ def binarize(images: torch.Tensor, *, generator: torch.Generator | None = None) 
         Intensities in [0, 1] (checked).
     generator : torch.Generator, optional
         Source of the draws, for reproducibility.
+    check : bool
+        Check the range first. Inside a training step pass ``check=False`` after checking the
+        data set once: the check reads values back to the host, a GPU sync every step.
 
     Returns
     -------
@@ -323,5 +326,6 @@ def binarize(images: torch.Tensor, *, generator: torch.Generator | None = None) 
     ----------
     Salakhutdinov, R. and Murray, I. (2008). On the quantitative analysis of deep belief networks. ICML.
     """
-    check_unit_interval(images, "images")
+    if check:
+        check_unit_interval(images, "images")
     return torch.bernoulli(images, generator=generator)
