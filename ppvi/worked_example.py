@@ -162,9 +162,11 @@ def plot_worked_example(df: pd.DataFrame, path=None, ax=None):
         grid = np.geomspace(ns.min(), ns.max(), 50)
         ax.plot(grid, per_sample / grid, color=colors[estimator], linewidth=1, linestyle="--", label=f"{estimator}: {per_sample:.4g}/N")
         ax.plot(ns, rows["variance"], "o", color=colors[estimator], label=f"{estimator}, measured")
+    theta = float(df["analytic_mean"].iloc[0]) / 2 if len(df) else float("nan")
+    title = f"z ~ N(theta, 1), f(z) = z^2, theta = {theta:g}"
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set(xlabel="N (samples per estimate)", ylabel="variance of the gradient estimate", title="z ~ N(theta, 1), f(z) = z^2")
+    ax.set(xlabel="N (samples per estimate)", ylabel="variance of the gradient estimate", title=title)
     ax.legend(fontsize="small")
     if path is not None:
         from .rundir import atomic_write
