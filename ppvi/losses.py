@@ -1,0 +1,135 @@
+"""A lean ELBO for mean-field guides with analytic KL terms.
+
+:class:`MeanFieldELBO` computes what Pyro 1.9's ``TraceMeanField_ELBO.differentiable_loss``
+computes (``pyro/infer/trace_mean_field_elbo.py``, ``_differentiable_loss_particle``), without the
+per-step machinery that the analytic-KL case does not need: ``get_importance_trace``
+(``pyro/infer/enum.py``) computes, at every site, ``log_prob`` and its scaled sum
+(``Trace.compute_log_prob``) and the guide's score parts (``compute_score_parts``), then the
+analytic KL ignores log q(z) and log p(z) of the latent sites, whose graphs autograd still walks
+back; and ``Trace_ELBO.differentiable_loss`` reads the loss back to the host twice
+(``torch_item``). Here each particle traces the guide once and replays the model against it once,
+then the ELBO of the particle is
+
+    sum over observed model sites x:   scale * mask * log p(x | ...)
+    minus, over latent model sites z:  scale * mask * KL(q(z) || p(z))          (closed form registered)
+                                  or:  scale * mask * (log q(z) - log p(z))     (else, Monte Carlo)
+    minus, over auxiliary guide sites: scale * mask * log q(z)
+
+with the scale and mask of the site as Pyro's ``scale_and_mask`` applies them (the guide site's
+for KL and log q, the model site's for log p), and subsample sites skipped. Particles are a loop,
+or one vectorized pass in an outermost ``pyro.plate`` at dim ``-max_plate_nesting`` (Pyro's
+``vectorize_particles``, inherited from :class:`pyro.infer.ELBO`); the loss is the mean over them.
+
+Like ``TraceMeanField_ELBO`` this assumes a mean-field guide whose latent sites are all
+reparameterized; model latent sites absent from the guide are refused. Pyro's checks (model/guide
+match, site shapes, ordering of sites, full reparameterization) run only when
+``pyro.is_validation_enabled()``.
+"""
+
+from __future__ import annotations
+
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import ELBO
+from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import site_is_subsample
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
+
+__all__ = ["MeanFieldELBO"]
+
+
+def _kl(guide_fn, model_fn):
+    """``kl_divergence(q, p)``, or None where no closed form is registered for the pair."""
+    try:
+        return torch.distributions.kl_divergence(guide_fn, model_fn)
+    except NotImplementedError:
+        return None
+
+
+class MeanFieldELBO(ELBO):
+    """``TraceMeanField_ELBO`` for the analytic-KL case, computing log densities only where used.
+
+    Takes Pyro's ELBO keywords (``num_particles``, ``vectorize_particles``, ``max_plate_nesting``,
+    ...). :meth:`differentiable_loss` returns the same value, with the same gradients, as
+    ``pyro.infer.TraceMeanField_ELBO(...).differentiable_loss`` for the same random draws.
+    """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            self._validate(model_trace, guide_trace)
+        return model_trace, guide_trace
+
+    def _validate(self, model_trace, guide_trace):
+        """Pyro's checks of get_importance_trace and TraceMeanField_ELBO (validation mode only)."""
+        check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        check_if_enumerated(guide_trace)
+        _check_mean_field_requirement(model_trace, guide_trace)
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample" and not site_is_subsample(site):
+                    site_shape = {**site, "log_prob": site["fn"].log_prob(site["value"])}
+                    check_site_shape(site_shape, self.max_plate_nesting)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) and not site["fn"].has_rsample:
+                raise NotImplementedError(f"All distributions in the guide must be fully reparameterized (site {name!r} is not).")
+
+    @staticmethod
+    def _particle_elbo(model_trace, guide_trace):
+        """The ELBO estimate of one (vectorized) particle, a differentiable scalar."""
+        elbo = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if site["is_observed"]:
+                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                elbo = elbo + scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+                continue
+            guide_site = guide_trace.nodes.get(name)
+            if guide_site is None or guide_site["type"] != "sample":
+                raise ValueError(
+                    f"latent site {name!r} of the model is not sampled by the guide: MeanFieldELBO (like Pyro's "
+                    "TraceMeanField_ELBO) needs every latent site in the guide; enumerate it (TraceEnum_ELBO) or add it to the guide."
+                )
+            kl = _kl(guide_site["fn"], site["fn"])
+            if kl is None:  # no closed form: Monte Carlo, log p(z) - log q(z) at the guide's draw
+                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                log_q = guide_site["fn"].log_prob(guide_site["value"], *guide_site["args"], **guide_site["kwargs"])
+                elbo = elbo + scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+                elbo = elbo - scale_and_mask(log_q, guide_site["scale"], guide_site["mask"]).sum()
+            else:
+                kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
+                elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
+        for name, site in guide_trace.nodes.items():  # auxiliary guide sites: their entropy term
+            if site["type"] == "sample" and name not in model_trace.nodes and not site_is_subsample(site):
+                if not site["infer"].get("is_auxiliary"):
+                    raise ValueError(f"guide site {name!r} is not in the model and not marked infer={{'is_auxiliary': True}}.")
+                log_q = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                elbo = elbo - scale_and_mask(log_q, site["scale"], site["mask"]).sum()
+        return elbo
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """-ELBO, averaged over the particles: a differentiable scalar tensor."""
+        elbo = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            elbo = elbo + self._particle_elbo(model_trace, guide_trace)
+        if self.num_particles != 1:
+            elbo = elbo / self.num_particles
+        loss = -elbo  # -elbo, since we descend a loss
+        if is_validation_enabled():
+            warn_if_nan(loss, "loss")
+        return loss
+
+    def loss(self, model, guide, *args, **kwargs):
+        """-ELBO as a float (no gradients)."""
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        """-ELBO as a float, after back-propagating it (for ``pyro.infer.SVI``)."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward(retain_graph=self.retain_graph)
+        return float(loss.detach())
