@@ -26,6 +26,7 @@ output = Console(highlight=False, markup=False)
 FIT_VALUE_OPTIONS = {
     "--guide", "--estimator", "--data", "--steps", "--epochs", "--batch-size", "--lr",
     "--lr-decay", "--num-particles", "--device", "--seed", "--restarts", "--out", "--resume", "--checkpoint-every",
+    "--baseline", "--temperature", "--anneal-rate", "--min-temperature",
 }
 
 
@@ -115,14 +116,19 @@ class FitCommand(click.Command):
 @cli.command("fit", cls=FitCommand)
 @click.argument("model", required=False)
 @click.option("--guide", help="Guide name from the model file (default: its first).")
-@click.option("--estimator", default="auto", show_default=True, help="auto, reparam, score or enum.")
+@click.option("--estimator", default="auto", show_default=True, help="auto, reparam, score, enum, gumbel or iwae.")
+@click.option("--baseline", help="Score-function baseline: none, average or neural (default neural; --estimator score only).")
+@click.option("--temperature", type=float, help="Gumbel-softmax initial temperature (default 1.0; --estimator gumbel only).")
+@click.option("--anneal-rate", type=float, help="Gumbel-softmax: tau = max(min, temperature * exp(-rate * step)) (default 3e-5).")
+@click.option("--min-temperature", type=float, help="Gumbel-softmax temperature floor (default 0.5).")
+@click.option("--straight-through/--no-straight-through", default=None, help="Gumbel-softmax straight-through: discrete forward, relaxed backward.")
 @click.option("--data", help="Data: FILE.csv, a folder, or synthetic:n=...,k=...; default: the model's built-in data.")
 @click.option("--steps", type=int, help="Optimizer steps (default from the model file).")
 @click.option("--epochs", type=int, help="Passes over the data (instead of --steps).")
 @click.option("--batch-size", type=int, help="Minibatch size (default: full batch).")
 @click.option("--lr", type=float, help="Adam learning rate (default from the model file).")
 @click.option("--lr-decay", type=float, help="Decay the learning rate by this factor over the fit (e.g. 0.1).")
-@click.option("--num-particles", type=int, help="Samples per ELBO estimate (default from the model file, else 1).")
+@click.option("--num-particles", type=int, help="Samples per ELBO estimate (default from the model file, else 1); K for iwae (default 5).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; restart r uses seed + r.")
 @click.option("--restarts", type=int, default=1, show_default=True, help="Independent fits from different seeds.")
@@ -131,7 +137,7 @@ class FitCommand(click.Command):
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (default: about every 10 s).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.pass_context
-def fit_command(ctx, model, guide, estimator, data, steps, epochs, batch_size, lr, lr_decay, num_particles, device, seed, restarts, out, resume, checkpoint_every, progress, **model_options):
+def fit_command(ctx, model, guide, estimator, baseline, temperature, anneal_rate, min_temperature, straight_through, data, steps, epochs, batch_size, lr, lr_decay, num_particles, device, seed, restarts, out, resume, checkpoint_every, progress, **model_options):
     """Fit MODEL (a gallery name or a path to a .py file); `ppvi fit MODEL --help` lists its options."""
     from .fit import fit, resume as resume_run
 
@@ -150,7 +156,8 @@ def fit_command(ctx, model, guide, estimator, data, steps, epochs, batch_size, l
             while out.exists():
                 out = out.with_name(out.name + "_")
         result = fit(
-            model, guide=guide, estimator=estimator, data=data, options=model_options, steps=steps, epochs=epochs,
+            model, guide=guide, estimator=estimator, baseline=baseline, temperature=temperature, anneal_rate=anneal_rate,
+            min_temperature=min_temperature, straight_through=straight_through, data=data, options=model_options, steps=steps, epochs=epochs,
             batch_size=batch_size, lr=lr, lr_decay=lr_decay, num_particles=num_particles, device=device, seed=seed, restarts=restarts,
             out=out, checkpoint_every=checkpoint_every, progress=progress, log_fn=console.print,
         )

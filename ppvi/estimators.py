@@ -5,39 +5,64 @@ reparam    pathwise gradients (Kingma & Welling 2014): Trace_ELBO, or
            TraceMeanField_ELBO (analytic KL where registered) when the
            guide is mean-field
 score      score function / REINFORCE (Williams 1992; Ranganath et al.
-           2014) with Rao-Blackwellisation by Pyro's dependency tracking
-           and a decaying-average baseline at every scored site
-           (TraceGraph_ELBO)
-enum       exact sums over finite discrete sites (TraceEnum_ELBO)
-auto       all latent sites reparameterizable -> reparam; discrete sites
-           with at most ENUM_MAX_SUPPORT values -> enum; else score
+           2014) at the non-reparameterizable guide sites, Rao-Blackwellised
+           by Pyro's dependency tracking (TraceGraph_ELBO), with a baseline
+           (``--baseline``): none, a decaying average of the downstream cost,
+           or ``neural`` (default): the average plus an input-dependent
+           network b(q's parameters) fitted by least squares to the residual
+           cost (Mnih & Gregor 2014, NVIL)
+enum       exact sums over finite discrete sites (TraceEnum_ELBO); discrete
+           guide sites too large to enumerate get score-function terms there
+gumbel     Gumbel-softmax / Concrete relaxation (Jang et al. 2017; Maddison
+           et al. 2017) of OneHotCategorical and Bernoulli sites, temperature
+           tau_t = max(min_temperature, temperature * exp(-anneal_rate * t)),
+           optionally straight-through; the trace records the *discrete* ELBO
+iwae       importance-weighted bound with K = num_particles samples (Burda et
+           al. 2016), per data point when every latent site is local
+auto       all latent sites reparameterizable -> reparam; every discrete site
+           with at most ENUM_MAX_SUPPORT values -> enum; discrete sites that
+           cannot be enumerated -> score with the neural baseline (or enum +
+           score terms when other discrete sites must be summed in the model)
 =========  ==============================================================
 
-Every estimator exposes one call, ``loss(batch, options)``, returning
-``(elbo, surrogate_loss)``: the ELBO estimate (detached, left on the device)
-and the scalar to differentiate (``-elbo`` up to terms with zero expected
-gradient, since we descend a loss).
+Every estimator exposes one call, ``loss(batch, options, step=0)``, returning
+``(elbo, surrogate_loss)``: an unbiased estimate of the ELBO (detached, left on
+the device) and the scalar to differentiate (``-objective`` up to terms with
+zero expected gradient, since we descend a loss). For ``gumbel`` and ``iwae``
+the objective is not the ELBO: ``-surrogate_loss`` is their objective
+(relaxed ELBO, IWAE bound) and ``elbo`` is still the ELBO, so traces of all
+estimators compare on the same scale.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
+from torch import nn
+
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
-from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, Trace_ELBO, TraceMeanField_ELBO, config_enumerate
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .errors import UsageError
 
-__all__ = ["ESTIMATORS", "ENUM_MAX_SUPPORT", "Site", "Estimator", "inspect_sites", "choose_estimator", "make_estimator"]
+__all__ = [
+    "ESTIMATORS", "BASELINES", "ENUM_MAX_SUPPORT", "Site", "EstimatorSettings", "Estimator",
+    "inspect_sites", "choose_estimator", "make_estimator", "feasible_estimators",
+]
 
-ESTIMATORS = ("auto", "reparam", "score", "enum")
+ESTIMATORS = ("auto", "reparam", "score", "enum", "gumbel", "iwae")
+BASELINES = ("none", "average", "neural")
 ENUM_MAX_SUPPORT = 256  # largest per-site support that `auto` sums out exactly
+BASELINE_HIDDEN = 100  # units of the neural baseline's hidden layer (NVIL used 100 tanh units)
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,7 @@ class Site:
     reparameterized: bool
     discrete: bool
     support_size: int | None  # number of values when the support can be enumerated
+    relaxable: bool = False  # OneHotCategorical / Bernoulli: has a Gumbel-softmax relaxation
 
     def describe(self) -> str:
         size = f", {self.support_size} values" if self.support_size is not None else ""
@@ -60,10 +86,63 @@ class Site:
         return self.support_size is not None and self.support_size <= ENUM_MAX_SUPPORT
 
 
-def _distribution_name(fn) -> str:
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """The estimator-specific options (``--baseline``, ``--temperature`` ...); None means the default.
+
+    Defaults: baseline ``neural``; temperature 1.0, anneal_rate 3e-5 per step and
+    min_temperature 0.5 (Jang et al. 2017's code: tau = max(0.5, exp(-3e-5 t))); no straight-through.
+    """
+
+    baseline: str | None = None
+    temperature: float | None = None
+    anneal_rate: float | None = None
+    min_temperature: float | None = None
+    straight_through: bool | None = None
+
+    GUMBEL_FIELDS = ("temperature", "anneal_rate", "min_temperature", "straight_through")
+
+    def check(self, requested: str) -> None:
+        """Refuse settings that are invalid, or that cannot apply to the requested estimator."""
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise UsageError(f"unknown baseline {self.baseline!r}; choose one of: {', '.join(BASELINES)}.")
+        for name in ("temperature", "min_temperature"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {value!r}).")
+        if self.anneal_rate is not None and not (math.isfinite(self.anneal_rate) and self.anneal_rate >= 0):
+            raise UsageError(f"--anneal-rate must be zero or positive (got {self.anneal_rate!r}).")
+        self.check_applies(requested)
+
+    def check_applies(self, estimator: str) -> None:
+        """For ``auto``, called again with the estimator it chose."""
+        if estimator == "auto":
+            return
+        if self.baseline is not None and estimator != "score":
+            raise UsageError(f"--baseline applies to the score-function estimator only; the estimator here is {estimator!r} (use --estimator score).")
+        given = [f"--{name.replace('_', '-')}" for name in self.GUMBEL_FIELDS if getattr(self, name) is not None]
+        if given and estimator != "gumbel":
+            raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --estimator gumbel only; the estimator here is {estimator!r}.")
+
+    def resolved(self) -> dict:
+        """The values in effect (defaults filled in), for config.json."""
+        return {
+            "baseline": self.baseline or "neural",
+            "temperature": 1.0 if self.temperature is None else float(self.temperature),
+            "anneal_rate": 3e-5 if self.anneal_rate is None else float(self.anneal_rate),
+            "min_temperature": 0.5 if self.min_temperature is None else float(self.min_temperature),
+            "straight_through": bool(self.straight_through),
+        }
+
+
+def _unwrap(fn):
     while hasattr(fn, "base_dist") and type(fn).__name__ in ("Independent", "ExpandedDistribution", "MaskedDistribution"):
         fn = fn.base_dist
-    return type(fn).__name__
+    return fn
+
+
+def _distribution_name(fn) -> str:
+    return type(_unwrap(fn)).__name__
 
 
 def _site(name: str, msg: dict, where: str) -> Site:
@@ -78,6 +157,7 @@ def _site(name: str, msg: dict, where: str) -> Site:
         reparameterized=bool(fn.has_rsample),
         discrete=bool(fn.support.is_discrete),
         support_size=support_size,
+        relaxable=isinstance(_unwrap(fn), (torch.distributions.OneHotCategorical, torch.distributions.Bernoulli)),
     )
 
 
@@ -109,41 +189,60 @@ def _names(sites) -> str:
     return ", ".join(site.describe() for site in sites)
 
 
-def feasible_estimators(sites: list[Site]) -> list[str]:
-    """The estimators that can fit this pair, in the order `auto` prefers them."""
-    nonreparam = [s for s in sites if s.where == "guide" and not s.reparameterized]
-    model_only = [s for s in sites if s.where == "model"]
-    works = []
-    if not nonreparam and not model_only:
-        works.append("reparam")
-    if all(s.support_size is not None for s in nonreparam + model_only):
-        works.append("enum")
-    if not model_only:
-        works.append("score")
-    return works
-
-
-def choose_estimator(requested: str, sites: list[Site]) -> tuple[str, str]:
-    """Apply the estimator rules; return ``(name, reason)`` or raise UsageError for an impossible choice."""
-    if requested not in ESTIMATORS:
-        raise UsageError(f"unknown estimator {requested!r}; choose one of: {', '.join(ESTIMATORS)}.")
+def _groups(sites):
     nonreparam = [s for s in sites if s.where == "guide" and not s.reparameterized]
     model_only = [s for s in sites if s.where == "model"]
     continuous = [s for s in sites if s.where == "guide" and s.reparameterized]
+    return nonreparam, model_only, continuous
+
+
+def feasible_estimators(sites: list[Site]) -> list[str]:
+    """The estimators that can fit this pair, in the order `auto` prefers them."""
+    nonreparam, model_only, _ = _groups(sites)
+    works = []
+    if not nonreparam and not model_only:
+        works.append("reparam")
+    # enum sums out what it can; a guide site it cannot enumerate gets score-function (DiCE) terms,
+    # which is only worth TraceEnum_ELBO when some model-only site must be summed out anyway
+    if all(s.support_size is not None for s in model_only) and (model_only or all(s.support_size is not None for s in nonreparam)):
+        works.append("enum")
+    if not model_only:
+        works.append("score")
+    if nonreparam and not model_only and all(s.relaxable for s in nonreparam):
+        works.append("gumbel")
+    if not nonreparam and not model_only:
+        works.append("iwae")
+    return works
+
+
+def choose_estimator(requested: str, sites: list[Site], settings: EstimatorSettings | None = None) -> tuple[str, str]:
+    """Apply the estimator rules; return ``(name, reason)`` or raise UsageError for an impossible choice."""
+    settings = settings or EstimatorSettings()
+    if requested not in ESTIMATORS:
+        raise UsageError(f"unknown estimator {requested!r}; choose one of: {', '.join(ESTIMATORS)}.")
+    settings.check(requested)
+    name, reason = _choose(requested, sites, settings)
+    settings.check_applies(name)
+    return name, reason
+
+
+def _baseline_words(settings: EstimatorSettings) -> str:
+    return {
+        "none": "no baseline",
+        "average": "a decaying-average baseline",
+        "neural": "a neural (input-dependent, NVIL-style) baseline",
+    }[settings.resolved()["baseline"]]
+
+
+def _choose(requested: str, sites: list[Site], settings: EstimatorSettings) -> tuple[str, str]:
+    nonreparam, model_only, continuous = _groups(sites)
     works = feasible_estimators(sites)
     alternatives = ", ".join(works) if works else "none of ppvi's estimators"
+    pathwise = f"; pathwise gradients for {_names(continuous)}" if continuous else ""
 
     if requested == "auto":
         if not nonreparam and not model_only:
             return "reparam", f"every latent site is reparameterizable: {_names(continuous) or 'none'}"
-        discrete = nonreparam + model_only
-        if all(s.enumerable for s in discrete):
-            summed = [s for s in model_only]
-            return "enum", (
-                f"discrete site(s) {_names(discrete)} have small finite support and are summed out exactly"
-                + (f" ({_names(summed)} in the model, absent from the guide)" if summed else "")
-                + (f"; pathwise gradients for {_names(continuous)}" if continuous else "")
-            )
         too_big = [s for s in model_only if not s.enumerable]
         if too_big:
             raise UsageError(
@@ -151,37 +250,98 @@ def choose_estimator(requested: str, sites: list[Site]) -> tuple[str, str]:
                 f"enumerated (more than {ENUM_MAX_SUPPORT} values, or not discrete): add them to the guide."
             )
         big = [s for s in nonreparam if not s.enumerable]
-        return "score", (
-            f"discrete site(s) {_names(big)} cannot be enumerated (more than {ENUM_MAX_SUPPORT} values or "
-            f"no finite support): score-function gradients with a decaying-average baseline there"
-            + (f", pathwise for {_names(continuous)}" if continuous else "")
-        )
+        small = [s for s in nonreparam + model_only if s.enumerable]
+        if not big:
+            summed = f" ({_names(model_only)} in the model, absent from the guide)" if model_only else ""
+            return "enum", f"discrete site(s) {_names(small)} have small finite support and are summed out exactly{summed}{pathwise}"
+        why_big = f"discrete site(s) {_names(big)} cannot be enumerated (more than {ENUM_MAX_SUPPORT} values or no finite support)"
+        if model_only:  # those must be summed out, so TraceEnum_ELBO; the big guide sites get DiCE score terms
+            return "enum", f"{why_big}: score-function terms there; {_names(small)} summed out exactly{pathwise}"
+        small_note = f"; {_names(small)} also scored (enumerate them with --estimator enum)" if small else ""
+        return "score", f"{why_big}: score-function gradients with {_baseline_words(settings)}{small_note}{pathwise}"
 
     if requested not in works:
-        if requested == "reparam" and nonreparam:
+        if requested in ("reparam", "iwae") and nonreparam:
             problem = f"guide site(s) {_names(nonreparam)} have no reparameterized sampler"
-        elif model_only and requested in ("reparam", "score"):
+        elif model_only and requested in ("reparam", "score", "gumbel", "iwae"):
             problem = f"site(s) {_names(model_only)} are latent in the model but absent from the guide, so only enumeration can sum them out"
+        elif requested == "gumbel" and not nonreparam:
+            problem = "it has no discrete guide site to relax (every guide site is continuous)"
+        elif requested == "gumbel":
+            problem = (
+                f"site(s) {_names([s for s in nonreparam if not s.relaxable])} have no Gumbel-softmax relaxation "
+                "(only OneHotCategorical and Bernoulli sites can be relaxed: a relaxed value must stand in for the discrete one)"
+            )
         else:
             unsummable = [s for s in nonreparam + model_only if s.support_size is None]
             problem = f"site(s) {_names(unsummable)} have no finite support to enumerate"
         raise UsageError(f"estimator {requested!r} cannot fit this model/guide pair: {problem}. Estimators that work: {alternatives}.")
+    resolved = settings.resolved()
     reasons = {
         "reparam": "requested: pathwise gradients at every site",
-        "enum": "requested: exact sums over " + (_names(nonreparam + model_only) or "no discrete site (same as reparam)"),
-        "score": "requested: score-function gradients with a decaying-average baseline at "
+        "enum": "requested: exact sums over " + (_names([s for s in nonreparam + model_only if s.enumerable]) or "no discrete site (same as reparam)"),
+        "score": f"requested: score-function gradients with {_baseline_words(settings)} at "
         + (_names(nonreparam) if nonreparam else f"every latent site {_names(continuous)}"),
+        "gumbel": f"requested: Gumbel-softmax relaxation of {_names(nonreparam)} "
+        f"(temperature {resolved['temperature']:g}, anneal rate {resolved['anneal_rate']:g}, floor {resolved['min_temperature']:g}"
+        + (", straight-through" if resolved["straight_through"] else "")
+        + ")",
+        "iwae": "requested: importance-weighted bound",
     }
-    return requested, reasons[requested]
+    return requested, reasons[requested] + (pathwise if requested in ("enum", "score", "gumbel") else "")
+
+
+# ----------------------------------------------------------------------------- score function
+
+
+def _baseline_features(fn) -> torch.Tensor:
+    """The neural baseline's input at a site: q's own parameters there (detached), one row per batch element.
+
+    NVIL conditions its baseline on x; q's parameters are the encoder's summary of x (and of
+    any upstream latents), available at every site without model-specific wiring. They do not
+    depend on the site's sample, so the baseline leaves the estimator unbiased.
+    """
+    base = _unwrap(fn)
+    if isinstance(base, (torch.distributions.Categorical, torch.distributions.OneHotCategorical, torch.distributions.Bernoulli)):
+        params = [base.logits]
+    else:
+        params = [value for value in (getattr(base, name, None) for name in base.arg_constraints) if isinstance(value, torch.Tensor)]
+    if not params:
+        raise UsageError(f"the neural baseline cannot read the parameters of a {type(base).__name__} site; use --baseline average.")
+    shape = fn.batch_shape + fn.event_shape
+    if isinstance(base, torch.distributions.Categorical):
+        shape = shape + params[0].shape[-1:]
+    columns = torch.stack([torch.broadcast_to(p.detach(), shape) for p in params], -1)
+    return columns.reshape(fn.batch_shape + (-1,))
+
+
+class _NeuralBaseline(nn.Module):
+    """b(features) = scale * MLP(features): the network works in per-point units; Pyro's costs carry the subsample scale."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_features, BASELINE_HIDDEN), nn.Tanh(), nn.Linear(BASELINE_HIDDEN, 1))
+        nn.init.zeros_(self.net[-1].weight)  # starts as the decaying average alone
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, features: torch.Tensor, scale=1.0) -> torch.Tensor:
+        return scale * self.net(features).squeeze(-1)
 
 
 class _ScoreFunction(Messenger):
-    """Make chosen guide sites non-reparameterized and give them a decaying-average baseline."""
+    """Make chosen guide sites non-reparameterized and attach their baseline (Pyro's ``infer["baseline"]``)."""
 
-    def __init__(self, names: frozenset, baseline_beta: float = 0.9):
+    def __init__(self, names: frozenset, baseline: str = "neural", baseline_beta: float = 0.9):
         super().__init__()
-        self.names = names
-        self.baseline_beta = baseline_beta
+        self.names, self.baseline, self.baseline_beta = names, baseline, baseline_beta
+        self.networks: dict[str, _NeuralBaseline] = {}
+
+    def _network(self, name: str, features: torch.Tensor) -> _NeuralBaseline:
+        if name not in self.networks:
+            network = _NeuralBaseline(features.shape[-1]).to(features.device)
+            with poutine.block():  # register in the param store (so Adam and checkpoints see it), untraced
+                self.networks[name] = pyro.module(f"_ppvi_baseline.{name}", network)
+        return self.networks[name]
 
     def _pyro_sample(self, msg):
         if msg["name"] not in self.names or msg["is_observed"]:
@@ -190,7 +350,14 @@ class _ScoreFunction(Messenger):
         while isinstance(inspect.getattr_static(type(fn), "has_rsample", None), property):
             fn = fn.base_dist  # Independent / Expanded / Masked wrappers delegate to their base
         fn.has_rsample_(False)
-        msg["infer"].setdefault("baseline", {"use_decaying_avg_baseline": True, "baseline_beta": self.baseline_beta})
+        if self.baseline == "none":
+            return
+        options = {"use_decaying_avg_baseline": True, "baseline_beta": self.baseline_beta}
+        if self.baseline == "neural":
+            features = _baseline_features(msg["fn"])
+            network, scale = self._network(msg["name"], features), msg["scale"]
+            options.update(nn_baseline=lambda inputs: network(inputs, scale), nn_baseline_input=features)
+        msg["infer"].setdefault("baseline", options)
 
 
 def _analytic_kl_applies(model_fn, guide_fn, *args) -> bool:
@@ -211,14 +378,10 @@ def _analytic_kl_applies(model_fn, guide_fn, *args) -> bool:
         return False
     if not all(set(upstream) <= {name} for name, upstream in dependencies.items()):
         return False
-    for name, msg in guide_trace.nodes.items():
-        if msg["type"] != "sample" or msg["is_observed"] or name not in model_trace.nodes:
-            continue
-        if _distribution_name(msg["fn"]) == "Delta":
-            return False
-    for name, msg in guide_trace.nodes.items():
-        if msg["type"] != "sample" or msg["is_observed"] or name not in model_trace.nodes:
-            continue
+    latent = [(name, msg) for name, msg in guide_trace.nodes.items() if msg["type"] == "sample" and not msg["is_observed"] and name in model_trace.nodes]
+    if any(_distribution_name(msg["fn"]) == "Delta" for _, msg in latent):
+        return False
+    for name, msg in latent:
         try:
             torch.distributions.kl_divergence(msg["fn"], model_trace.nodes[name]["fn"])
             return True
@@ -227,23 +390,235 @@ def _analytic_kl_applies(model_fn, guide_fn, *args) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- estimators
+
+
 @dataclass(frozen=True)
 class Estimator:
     """A chosen estimator: Pyro's ELBO object plus the (possibly wrapped) model and guide it runs."""
 
     name: str
     reason: str
-    elbo: pyro.infer.ELBO = field(repr=False)
+    elbo: pyro.infer.ELBO | None = field(repr=False)
     model_fn: Callable = field(repr=False)
     guide_fn: Callable = field(repr=False)
+    objective: str | None = None  # what -surrogate_loss estimates when it is not the ELBO (recorded in the trace)
 
-    def loss(self, *args):
+    def loss(self, *args, step: int = 0):
         """Return ``(elbo, surrogate_loss)`` for one minibatch: elbo detached, the loss to descend."""
         if isinstance(self.elbo, TraceGraph_ELBO):
             elbo, surrogate_loss = self.elbo._loss_and_surrogate_loss(self.model_fn, self.guide_fn, args, {})
             return elbo.detach(), surrogate_loss
         loss = self.elbo.differentiable_loss(self.model_fn, self.guide_fn, *args)
         return -loss.detach(), loss  # loss = -elbo, since we descend a loss
+
+    def extra_columns(self, steps: list[int]) -> dict:
+        """Per-step values besides the ELBO that the trace should record (none by default)."""
+        return {}
+
+
+def _latent_sample(site) -> bool:
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+
+
+def _log_prob_sum(site) -> torch.Tensor:
+    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]).sum()
+
+
+# ----------------------------------------------------------------------------- Gumbel-softmax
+
+
+def _relaxed(fn, temperature: float, straight_through: bool):
+    """The Gumbel-softmax / Concrete relaxation of a OneHotCategorical or Bernoulli site, wrappers kept."""
+    if isinstance(fn, dist.MaskedDistribution):
+        return _relaxed(fn.base_dist, temperature, straight_through).mask(fn._mask)
+    if isinstance(fn, torch.distributions.Independent):
+        return _relaxed(fn.base_dist, temperature, straight_through).to_event(fn.reinterpreted_batch_ndims)
+    if isinstance(fn, dist.ExpandedDistribution):
+        return _relaxed(fn.base_dist, temperature, straight_through).expand(fn.batch_shape)
+    tau = torch.full((), temperature, dtype=fn.logits.dtype, device=fn.logits.device)  # no host-to-device copy
+    if isinstance(fn, torch.distributions.OneHotCategorical):
+        relaxed = dist.RelaxedOneHotCategoricalStraightThrough if straight_through else dist.RelaxedOneHotCategorical
+    elif isinstance(fn, torch.distributions.Bernoulli):
+        relaxed = dist.RelaxedBernoulliStraightThrough if straight_through else dist.RelaxedBernoulli
+    else:
+        raise UsageError(f"a {type(fn).__name__} site has no Gumbel-softmax relaxation (OneHotCategorical and Bernoulli have).")
+    return relaxed(tau, logits=fn.logits)
+
+
+def _harden(value: torch.Tensor, discrete_fn) -> torch.Tensor:
+    """The discrete value under the same noise: argmax(logits + Gumbel) is an exact draw from the categorical
+    (the Gumbel-max trick), and sigmoid((logits + Logistic) / tau) > 1/2 an exact Bernoulli draw."""
+    if isinstance(_unwrap(discrete_fn), torch.distributions.OneHotCategorical):
+        return nn.functional.one_hot(value.argmax(-1), value.shape[-1]).to(value.dtype)
+    return (value > 0.5).to(value.dtype)
+
+
+class _Relax(Messenger):
+    """Swap the named sites' distributions for their relaxations; remember the discrete ones."""
+
+    def __init__(self, names: frozenset, temperature: float, straight_through: bool):
+        super().__init__()
+        self.names, self.temperature, self.straight_through = names, temperature, straight_through
+        self.discrete: dict = {}
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.names and not msg["is_observed"]:
+            self.discrete[msg["name"]] = msg["fn"]
+            msg["fn"] = _relaxed(msg["fn"], self.temperature, self.straight_through)
+
+
+class _Force(Messenger):
+    """Set the named latent sites to given values (they stay latent, with their own distributions)."""
+
+    def __init__(self, values: dict):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg["value"], msg["done"] = self.values[msg["name"]], True
+
+
+def _relaxed_terms(model_trace, guide_trace, q_discrete: dict, p_discrete: dict) -> torch.Tensor:
+    """log p(x | z) - sum KL(q_disc || p_disc) over the relaxed sites + (log p - log q) at the other latent sites.
+
+    The KL of a relaxed site is the exact one between the *discrete* q and p (as in Jang et al. 2017's
+    code): the relaxation enters through the value the model's downstream computation sees.
+    """
+    total = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if name in q_discrete:
+            kl = torch.distributions.kl_divergence(q_discrete[name], p_discrete[name])
+            total = total - scale_and_mask(kl, site["scale"], site["mask"]).sum()
+        elif site["is_observed"]:
+            total = total + _log_prob_sum(site)
+        else:
+            total = total + _log_prob_sum(site) - _log_prob_sum(guide_trace.nodes[name])
+    return total
+
+
+@dataclass(frozen=True)
+class _Gumbel(Estimator):
+    names: frozenset = frozenset()
+    settings: dict = field(default_factory=dict)
+    num_particles: int = 1
+    guide_only_relaxed: bool = True  # the guide samples nothing but the relaxed sites
+
+    def temperature_at(self, step: int) -> float:
+        """tau_t = max(min_temperature, temperature * exp(-anneal_rate * t)) (Jang et al. 2017, section 3.1)."""
+        s = self.settings
+        return max(s["min_temperature"], s["temperature"] * math.exp(-s["anneal_rate"] * step))
+
+    def extra_columns(self, steps: list[int]) -> dict:
+        return {"temperature": [self.temperature_at(step) for step in steps]}
+
+    def _particle(self, args, temperature: float):
+        straight_through = self.settings["straight_through"]
+        relax_guide = _Relax(self.names, temperature, straight_through)
+        relax_model = _Relax(self.names, temperature, straight_through)
+        guide_trace = poutine.trace(relax_guide(self.guide_fn)).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(relax_model(self.model_fn), trace=guide_trace)).get_trace(*args)
+        objective = _relaxed_terms(model_trace, guide_trace, relax_guide.discrete, relax_model.discrete)
+        if straight_through:  # the forward pass already ran on discrete values: the objective *is* the discrete ELBO
+            return objective.detach(), objective
+        with torch.no_grad():  # the discrete ELBO at the hard values the same noise gives
+            hard = {name: _harden(guide_trace.nodes[name]["value"], fn) for name, fn in relax_guide.discrete.items()}
+            if self.guide_only_relaxed:
+                hard_guide = guide_trace.copy()
+                for name, value in hard.items():
+                    hard_guide.nodes[name] = {**guide_trace.nodes[name], "value": value, "fn": relax_guide.discrete[name]}
+            else:  # guide sites downstream of a relaxed one must be drawn given the hard value
+                hard_guide = poutine.trace(_Force(hard)(self.guide_fn)).get_trace(*args)
+            hard_model = poutine.trace(poutine.replay(self.model_fn, trace=hard_guide)).get_trace(*args)
+            q = {name: hard_guide.nodes[name]["fn"] for name in hard}
+            p = {name: hard_model.nodes[name]["fn"] for name in hard}
+            elbo = _relaxed_terms(hard_model, hard_guide, q, p)
+        return elbo, objective
+
+    def loss(self, *args, step: int = 0):
+        temperature = self.temperature_at(step)
+        elbo, objective = 0.0, 0.0
+        for _ in range(self.num_particles):
+            particle_elbo, particle_objective = self._particle(args, temperature)
+            elbo, objective = elbo + particle_elbo, objective + particle_objective
+        return elbo / self.num_particles, -objective / self.num_particles  # -objective, since we descend a loss
+
+
+# ----------------------------------------------------------------------------- importance weighted
+
+
+def _reduce(log_p: torch.Tensor, particle_dim: int, data_dim: int | None) -> torch.Tensor:
+    """Sum a site's log density over every dim but the particle dim (and the data dim): (K|1, B|1) or (K|1,)."""
+    ndim = -particle_dim
+    while log_p.dim() < ndim:
+        log_p = log_p.unsqueeze(0)
+    keep = [ndim + particle_dim] + ([ndim + data_dim] if data_dim is not None else [])
+    other = [d for d in range(log_p.dim()) if d not in keep]
+    if other:
+        log_p = log_p.sum(dim=other, keepdim=True)
+    return log_p.reshape([log_p.shape[d] for d in keep])
+
+
+def _data_dim(site, plate: str) -> int | None:
+    return next((frame.dim for frame in site["cond_indep_stack"] if frame.name == plate), None)
+
+
+@dataclass(frozen=True)
+class _IWAE(Estimator):
+    num_particles: int = 1
+    max_plate_nesting: int = 0
+    local_plate: str | None = None  # every sample site lies in this plate: bound per data point
+
+    def loss(self, *args, step: int = 0):
+        K, particle_dim = self.num_particles, -(self.max_plate_nesting + 1)
+        particles = pyro.plate("_ppvi_particles", K, dim=particle_dim)
+        guide_trace = poutine.trace(particles(self.guide_fn)).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(particles(self.model_fn), trace=guide_trace)).get_trace(*args)
+        log_w, scale = 0.0, 1.0
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            for site in trace.nodes.values():
+                if site["type"] != "sample" or site_is_subsample(site) or (sign < 0 and site["is_observed"]):
+                    continue
+                log_p = site["fn"].log_prob(site["value"])
+                if self.local_plate is None:  # one joint weight per particle, with Pyro's scale and mask
+                    log_w = log_w + sign * _reduce(scale_and_mask(log_p, site["scale"], site["mask"]), particle_dim, None)
+                else:  # per point: unscaled log w_ik; the subsample scale multiplies the per-point bounds below
+                    if site["is_observed"]:
+                        log_p, scale = scale_and_mask(log_p, 1.0, site["mask"]), site["scale"]
+                    log_w = log_w + sign * _reduce(log_p, particle_dim, _data_dim(site, self.local_plate))
+        # IWAE = sum_i [logsumexp_k log w_ik - log K] (Burda et al. 2016, eq. 8); ELBO = sum_i mean_k log w_ik
+        bound = scale * (torch.logsumexp(log_w, 0) - math.log(K)).sum()
+        elbo = scale * log_w.mean(0).sum()
+        return elbo.detach(), -bound  # -bound, since we descend a loss
+
+
+def _local_plate(model_fn, guide_fn, args) -> str | None:
+    """The plate every sample site of model and guide lies in (its per-point bound is exact), else None."""
+    with poutine.block():
+        guide_trace = poutine.trace(guide_fn).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(*args)
+    sites = [site for trace in (guide_trace, model_trace) for site in trace.nodes.values() if site["type"] == "sample" and not site_is_subsample(site)]
+    if not sites:
+        return None
+    common = set.intersection(*({frame.name for frame in site["cond_indep_stack"] if frame.vectorized} for site in sites))
+    return "data" if "data" in common else (next(iter(common)) if len(common) == 1 else None)
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def _enumerate(fn, names: frozenset):
+    """Enumerate exactly the named sites in parallel (the others keep their samplers)."""
+
+    def config(msg):
+        if msg["name"] in names and not msg["is_observed"] and "enumerate" not in msg["infer"]:
+            return {"enumerate": "parallel"}
+        return {}
+
+    return poutine.infer_config(fn, config)
 
 
 def make_estimator(
@@ -256,30 +631,52 @@ def make_estimator(
     num_particles: int = 1,
     vectorize_particles: bool = False,
     max_plate_nesting: int = 0,
+    settings: EstimatorSettings | None = None,
 ) -> Estimator:
-    """Build the Pyro ELBO for a chosen estimator (see :func:`choose_estimator`).
+    """Build the estimator chosen by :func:`choose_estimator`.
 
     ``vectorize_particles`` draws all particles in one pass, in an extra plate left of the
-    model's plates (Pyro's ``vectorize_particles``); the model must broadcast over it.
+    model's plates (Pyro's ``vectorize_particles``); the model must broadcast over it. ``iwae``
+    always vectorizes its K = ``num_particles`` samples.
     """
+    resolved = (settings or EstimatorSettings()).resolved()
     common = dict(num_particles=num_particles, vectorize_particles=vectorize_particles and num_particles > 1, max_plate_nesting=max_plate_nesting)
+    nonreparam = [s for s in sites if s.where == "guide" and not s.reparameterized]
     if name == "reparam":
         if _analytic_kl_applies(model_fn, guide_fn, *args):
             return Estimator(name, reason + "; analytic KL where registered (TraceMeanField_ELBO)", TraceMeanField_ELBO(**common), model_fn, guide_fn)
         return Estimator(name, reason + " (Trace_ELBO)", Trace_ELBO(**common), model_fn, guide_fn)
     if name == "enum":
+        summed = frozenset(s.name for s in sites if (s.where == "model" or not s.reparameterized) and s.enumerable)
         has_discrete = any(not s.reparameterized or s.where == "model" for s in sites)
         elbo = TraceEnum_ELBO(strict_enumeration_warning=has_discrete, **common)
-        return Estimator(
-            name,
-            reason + " (TraceEnum_ELBO)",
-            elbo,
-            config_enumerate(model_fn, default="parallel"),
-            config_enumerate(guide_fn, default="parallel"),
-        )
+        return Estimator(name, reason + " (TraceEnum_ELBO)", elbo, _enumerate(model_fn, summed), _enumerate(guide_fn, summed))
     if name == "score":
         guide_sites = [s for s in sites if s.where == "guide"]
-        scored = [s for s in guide_sites if not s.reparameterized] or guide_sites
-        wrapped = _ScoreFunction(frozenset(s.name for s in scored))(guide_fn)
+        scored = nonreparam or guide_sites
+        wrapped = _ScoreFunction(frozenset(s.name for s in scored), baseline=resolved["baseline"])(guide_fn)
+        with poutine.block():  # one probe: builds the neural baselines now, so the optimizer sees them from step 0
+            poutine.trace(wrapped).get_trace(*args)
         return Estimator(name, reason + " (TraceGraph_ELBO)", TraceGraph_ELBO(**common), model_fn, wrapped)
+    if name == "gumbel":
+        names = frozenset(s.name for s in nonreparam)
+        relax = _Relax(names, resolved["temperature"], resolved["straight_through"])
+        with poutine.block():
+            guide_trace = poutine.trace(relax(guide_fn)).get_trace(*args)
+            relax_model = _Relax(names, 1.0, False)
+            poutine.trace(poutine.replay(relax_model(model_fn), trace=guide_trace)).get_trace(*args)
+        for site_name in names:
+            q, p = relax.discrete[site_name], relax_model.discrete[site_name]
+            try:
+                torch.distributions.kl_divergence(q, p)
+            except NotImplementedError:
+                raise UsageError(f"gumbel: the KL between the guide's and the model's distributions at site '{site_name}' has no closed form ({type(q).__name__} vs {type(p).__name__}).") from None
+        only = {n for n, site in guide_trace.nodes.items() if _latent_sample(site)} <= names
+        return _Gumbel(name, reason + " (relaxed ELBO; the trace records the discrete ELBO)", None, model_fn, guide_fn,
+                       objective="relaxed_elbo", names=names, settings=resolved, num_particles=num_particles, guide_only_relaxed=only)
+    if name == "iwae":
+        plate = _local_plate(model_fn, guide_fn, args)
+        where = f"per data point over plate '{plate}'" if plate else "one joint bound over all sites (some latent site is global)"
+        return _IWAE(name, f"{reason} with K = {num_particles}, {where}", None, model_fn, guide_fn,
+                     objective="iwae_bound", num_particles=num_particles, max_plate_nesting=max_plate_nesting, local_plate=plate)
     raise UsageError(f"unknown estimator {name!r}; choose one of: {', '.join(ESTIMATORS)}.")

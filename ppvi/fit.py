@@ -24,7 +24,7 @@ import torch
 from . import rundir
 from .data import Batch
 from .errors import TrainingDiverged, UsageError
-from .estimators import Estimator, choose_estimator, inspect_sites, make_estimator
+from .estimators import ESTIMATORS, Estimator, EstimatorSettings, choose_estimator, inspect_sites, make_estimator
 from .gallery import ModelFile, load_model
 
 __all__ = ["fit", "resume", "FitResult", "RestartResult", "resolve_device"]
@@ -32,6 +32,7 @@ __all__ = ["fit", "resume", "FitResult", "RestartResult", "resolve_device"]
 SYNC_EVERY = 50  # steps between reads of the ELBO buffer (one host-device sync each)
 CHECKPOINT_SECONDS = 10.0  # default wall time between checkpoints
 DEFAULT_STEPS, DEFAULT_LR = 1000, 0.01
+IWAE_DEFAULT_PARTICLES = 5  # K for --estimator iwae without --num-particles (Burda et al. 2016 report k = 5 and 50)
 
 
 @dataclass
@@ -231,6 +232,11 @@ def fit(
     guide: str | None = None,
     estimator: str = "auto",
     data=None,
+    baseline: str | None = None,
+    temperature: float | None = None,
+    anneal_rate: float | None = None,
+    min_temperature: float | None = None,
+    straight_through: bool | None = None,
     options=None,
     steps: int | None = None,
     epochs: int | None = None,
@@ -256,8 +262,15 @@ def fit(
         A gallery name (``"gmm"``) or the path of a model file.
     guide : str, optional
         A name from the file's ``GUIDES``; default its first entry.
-    estimator : {"auto", "reparam", "score", "enum"}
+    estimator : {"auto", "reparam", "score", "enum", "gumbel", "iwae"}
         Gradient estimator; ``auto`` applies the rules in :mod:`ppvi.estimators`.
+    baseline : {"none", "average", "neural"}, optional
+        Score-function baseline (default neural); only with the score estimator.
+    temperature, anneal_rate, min_temperature : float, optional
+        Gumbel-softmax schedule tau_t = max(min_temperature, temperature * exp(-anneal_rate * t))
+        (defaults 1.0, 3e-5, 0.5); only with the gumbel estimator.
+    straight_through : bool, optional
+        Gumbel-softmax straight-through: discrete values forward, relaxed gradients back.
     data : None, str, Tensor or dict of Tensor
         None for the model's built-in data, a ``--data`` string (file, folder,
         ``synthetic:...``) or tensors with one data point per row.
@@ -273,7 +286,8 @@ def fit(
         Factor by which the learning rate decays, exponentially, over the whole fit
         (``lr * lr_decay ** (step / steps)``, as Pyro's ClippedAdam ``lrd``); default 1 (constant).
     num_particles : int, optional
-        Samples per ELBO estimate (default from the model file, else 1).
+        Samples per ELBO estimate (default from the model file, else 1); K of the ``iwae`` bound
+        (default 5 there).
     vectorize_particles : bool, optional
         Draw the particles in one vectorized pass (the model must broadcast over a
         leading particle dimension); default from the model file, else False.
@@ -309,7 +323,13 @@ def fit(
     batch_size = _positive("batch-size", batch_size if batch_size is not None else defaults.get("batch_size"))
     lr = _positive("lr", lr if lr is not None else defaults.get("lr", DEFAULT_LR), kind=float)
     lr_decay = _positive("lr-decay", lr_decay if lr_decay is not None else defaults.get("lr_decay", 1.0), kind=float)
+    if num_particles is None and estimator == "iwae":
+        num_particles = max(IWAE_DEFAULT_PARTICLES, defaults.get("num_particles", 1))
     num_particles = _positive("num-particles", num_particles if num_particles is not None else defaults.get("num_particles", 1))
+    settings = EstimatorSettings(baseline, temperature, anneal_rate, min_temperature, straight_through)
+    if estimator not in ESTIMATORS:
+        raise UsageError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}.")
+    settings.check(estimator)  # bad values, and options that cannot apply, before any data is read
     if vectorize_particles is None:
         vectorize_particles = bool(defaults.get("vectorize_particles", False))
     restarts = _positive("restarts", restarts)
@@ -355,6 +375,7 @@ def fit(
         "model_sha256": model_file.sha256,
         "guide": guide,
         "estimator_requested": estimator,
+        "estimator_settings": dataclasses.asdict(settings),
         "options": dataclasses.asdict(options) if options is not None else {},
         "data": source if source is not None else "built-in",
         "num_data": num_data,
@@ -391,16 +412,17 @@ def fit(
             first = _batch(data_tensors, batches.index(0), num_data, batches.batch_size is None)
             with pyro.validation_enabled(True):
                 sites, plate_depth = inspect_sites(model_fn, guide_fn, first, options)  # also creates the parameters
-                name, reason = choose_estimator(estimator, sites)
+                name, reason = choose_estimator(estimator, sites, settings)
                 chosen = make_estimator(
                     name, reason, sites, model_fn, guide_fn, first, options, num_particles=num_particles,
-                    vectorize_particles=vectorize_particles, max_plate_nesting=plate_depth,
+                    vectorize_particles=vectorize_particles, max_plate_nesting=plate_depth, settings=settings,
                 )
             if restart == 0:
                 log_fn(f"estimator: {chosen.name} ({chosen.reason})")
                 config.update(
                     estimator=chosen.name,
                     estimator_reason=chosen.reason,
+                    estimator_options=_relevant(chosen.name, settings),
                     sites=[dataclasses.asdict(site) for site in sites],
                     status="running",
                 )
@@ -478,11 +500,21 @@ def fit(
     return result
 
 
+def _relevant(estimator: str, settings: EstimatorSettings) -> dict:
+    """The estimator options in effect for the chosen estimator (config.json)."""
+    values = settings.resolved()
+    if estimator == "score":
+        return {"baseline": values["baseline"]}
+    if estimator == "gumbel":
+        return {name: values[name] for name in EstimatorSettings.GUMBEL_FIELDS}
+    return {}
+
+
 def _check_resumable(run_dir: Path, config: dict) -> None:
     old = rundir.read_config(run_dir)
     if old.get("model_sha256") != config["model_sha256"]:
         raise UsageError(f"--resume {run_dir}: the model file {config['model_path']} changed since the run started; start a new run.")
-    for key in ("guide", "estimator", "options", "seed", "lr", "lr_decay", "batch_size", "num_particles", "steps", "restarts"):
+    for key in ("guide", "estimator", "estimator_settings", "options", "seed", "lr", "lr_decay", "batch_size", "num_particles", "steps", "restarts"):
         if old.get(key) != config.get(key):
             raise UsageError(f"--resume {run_dir}: {key} differs from the interrupted run ({old.get(key)!r} there, {config.get(key)!r} now).")
 
@@ -491,6 +523,8 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
     """Run steps ``[start, total_steps)``; the ELBO goes to a device buffer read back every SYNC_EVERY steps."""
     device = batches.full.device
     buffer = torch.empty(SYNC_EVERY, device=device)
+    # gumbel / iwae descend another objective than the ELBO: record it beside the ELBO
+    objectives = torch.empty(SYNC_EVERY, device=device) if estimator.objective else None
     pending_steps: list[int] = []
     pending_times: list[float] = []
     known = len(store.keys())
@@ -501,7 +535,10 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
         nonlocal last_checkpoint
         if not pending_steps:
             return
-        values = buffer[: len(pending_steps)].double().cpu()  # the one host-device sync per SYNC_EVERY steps
+        count = len(pending_steps)
+        both = buffer[:count] if objectives is None else torch.stack([buffer[:count], objectives[:count]])
+        both = both.double().cpu()  # the one host-device sync per SYNC_EVERY steps
+        values = both if objectives is None else both[0]
         bad = (~torch.isfinite(values)).nonzero()
         keep = int(bad[0]) if len(bad) else len(pending_steps)
         rows = pd.DataFrame(
@@ -511,6 +548,8 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
                 "epoch": [batches.epoch_of(step) for step in pending_steps[:keep]],
                 "elbo": values[:keep].numpy(),
                 "time_s": pending_times[:keep],
+                **({estimator.objective: both[1, :keep].numpy()} if objectives is not None else {}),
+                **{name: column[:keep] for name, column in estimator.extra_columns(pending_steps).items()},
             }
         )
         traces[restart] = rows if traces[restart].empty else pd.concat([traces[restart], rows], ignore_index=True)
@@ -529,7 +568,7 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
         for step in range(start, total_steps):
             batch = _batch(data, batches.index(step), batches.num_data, batches.batch_size is None)
             try:
-                elbo, loss = estimator.loss(batch, options)
+                elbo, loss = estimator.loss(batch, options, step=step)
                 loss.backward()
             except (ValueError, RuntimeError) as error:
                 if any(not torch.isfinite(value).all() for _, value in store.named_parameters()):
@@ -546,6 +585,8 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             buffer[len(pending_steps)] = elbo
+            if objectives is not None:
+                objectives[len(pending_steps)] = -loss.detach()  # the objective, since loss = -objective
             pending_steps.append(step)
             pending_times.append(time.perf_counter() - clock)
             last = step + 1 == total_steps
@@ -564,6 +605,7 @@ def resume(run_dir: str | Path, *, progress: bool = False, log_fn=None) -> FitRe
         config["model"],
         guide=config["guide"],
         estimator=config["estimator_requested"],
+        **config.get("estimator_settings", {}),
         data=data,
         options=config["options"],
         steps=None if config.get("epochs") else config["steps"],
