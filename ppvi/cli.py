@@ -312,6 +312,74 @@ def sample_command(run_dir, n, out, reconstruct, manifold_, latent, grid, seed):
     output.print(f"wrote {out}: {rows}x{cols} tiles of {images.shape[1]}x{images.shape[2]}, {width}x{height} pixels")
 
 
+@cli.command("gradvar")
+@click.argument("target", required=False)
+@click.option("--estimator", "estimators", multiple=True, help="Estimator to measure (repeatable): reparam, score:none, score:average, score:neural, enum, gumbel, iwae. Default: every one that fits.")
+@click.option("--num-draws", type=int, default=100, show_default=True, help="D, independent gradient draws per estimator.")
+@click.option("--guide", help="Guide of MODEL (default: its first).")
+@click.option("--data", help="Data for MODEL (default: its built-in data).")
+@click.option("--batch-size", type=int, help="The fixed minibatch's size (default: the model's or the run's).")
+@click.option("--num-particles", type=int, default=1, show_default=True, help="Samples per gradient estimate (K of iwae, default 5).")
+@click.option("--warmup", type=int, default=200, show_default=True, help="Steps fitting a score baseline to the fixed parameters first.")
+@click.option("--temperature", type=float, help="Gumbel-softmax temperature (default 1.0).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of MODEL's initial parameters).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for gradvar.csv and gradvar.png.")
+@click.option("--worked-example", is_flag=True, help="The lecture's z ~ N(theta, 1), f = z^2 example: score vs pathwise over N samples.")
+@click.option("--theta", type=float, default=2.0, show_default=True, help="theta of the worked example.")
+@click.option("--repetitions", type=int, default=100, show_default=True, help="Repetitions per N in the worked example.")
+def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_particles, warmup, temperature, seed, device, out, worked_example, theta, repetitions):
+    """Gradient variance per estimator at fixed parameters: TARGET is a model (its initial parameters) or a run directory.
+
+    Prints mean norm, total variance and signal-to-noise ratio per parameter group; with
+    --out writes gradvar.csv and gradvar.png. --worked-example reproduces the lecture's
+    table instead (no TARGET).
+    """
+    if worked_example:
+        from .worked_example import format_table, plot_worked_example, worked_example as run_example
+
+        if target is not None:
+            raise UsageError("--worked-example takes no MODEL or run directory.")
+        if repetitions < 2:
+            raise UsageError(f"--repetitions must be at least 2 (got {repetitions}).")
+        frame = run_example(theta=theta, repetitions=repetitions, seed=seed)
+        output.print(f"z ~ N(theta={theta:g}, 1), f(z) = z^2: d/dtheta E[f] = {2 * theta:g}; {repetitions} repetitions per N")
+        output.print(format_table(frame))
+        if out is not None:
+            from .rundir import atomic_write
+
+            Path(out).mkdir(parents=True, exist_ok=True)
+            atomic_write(Path(out) / "worked_example.csv", lambda temporary: frame.to_csv(temporary, index=False))
+            plot_worked_example(frame, Path(out) / "worked_example.png")
+            output.print(f"wrote {Path(out) / 'worked_example.csv'} and worked_example.png")
+        return
+    from .gradvar import gradient_variance, plot_gradient_variance
+
+    if target is None:
+        raise UsageError("missing TARGET: a gallery model name, a model file, or a run directory (or --worked-example).")
+    is_run = Path(target).is_dir() and (Path(target) / "config.json").exists()
+    frame = gradient_variance(
+        None if is_run else target, run=target if is_run else None, estimators=list(estimators) or None, guide=guide, data=data,
+        num_draws=num_draws, batch_size=batch_size, num_particles=num_particles, warmup=warmup, temperature=temperature,
+        seed=seed, device=device, log_fn=console.print,
+    )
+    table = Table(title=f"gradient variance per estimator ({num_draws} draws at fixed parameters)")
+    for column in ("estimator", "group", "params", "|mean|", "variance", "SNR", "mean coord SNR"):
+        table.add_column(column)
+    for _, row in frame.iterrows():
+        table.add_row(row["estimator"], row["group"], str(row["num_params"]), f"{row['mean_norm']:.4g}", f"{row['variance']:.4g}", f"{row['snr']:.3g}", f"{row['mean_coord_snr']:.3g}")
+    output.print(table)
+    if out is not None:
+        from .rundir import atomic_write
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(out) / "gradvar.csv", lambda temporary: frame.to_csv(temporary, index=False))
+        import matplotlib.pyplot as plt
+
+        plt.close(plot_gradient_variance(frame, Path(out) / "gradvar.png"))
+        output.print(f"wrote {Path(out) / 'gradvar.csv'} and gradvar.png")
+
+
 def main(argv=None) -> int:
     """Entry point of the console script; returns the exit code."""
     debug = bool(os.environ.get("PPVI_DEBUG"))
