@@ -34,6 +34,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 
@@ -48,6 +49,31 @@ def _kl(guide_fn, model_fn):
         return None
 
 
+class _Sites(Messenger):
+    """Record the sample sites of one run, replaying the latent values of ``replay`` (a dict of sites).
+
+    What ``poutine.trace(poutine.replay(fn, trace))`` records of the sample sites, with one messenger
+    instead of two and no trace of the ``pyro.param`` sites (``pyro.module`` emits one per weight).
+    """
+
+    def __init__(self, replay=None):
+        super().__init__()
+        self.replay = replay
+        self.sites = {}
+
+    def _pyro_sample(self, msg):
+        if self.replay is not None and not msg["is_observed"] and msg["name"] in self.replay:
+            guide_site = self.replay[msg["name"]]  # as poutine.replay does
+            msg["done"] = True
+            msg["value"] = guide_site["value"]
+            msg["infer"] = guide_site["infer"]
+
+    def _pyro_post_sample(self, msg):
+        if msg["name"] in self.sites:
+            raise RuntimeError(f"Multiple sample sites named '{msg['name']}'")
+        self.sites[msg["name"]] = msg.copy()
+
+
 class MeanFieldELBO(ELBO):
     """``TraceMeanField_ELBO`` for the analytic-KL case, computing log densities only where used.
 
@@ -57,11 +83,17 @@ class MeanFieldELBO(ELBO):
     """
 
     def _get_trace(self, model, guide, args, kwargs):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        if is_validation_enabled():
+        """The sample sites of the guide and of the model replayed against it: two dicts name -> site."""
+        if is_validation_enabled():  # full Pyro traces, for Pyro's checks
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
             self._validate(model_trace, guide_trace)
-        return model_trace, guide_trace
+            return model_trace.nodes, guide_trace.nodes
+        with _Sites() as guide_sites:
+            guide(*args, **kwargs)
+        with _Sites(replay=guide_sites.sites) as model_sites:
+            model(*args, **kwargs)
+        return model_sites.sites, guide_sites.sites
 
     def _validate(self, model_trace, guide_trace):
         """Pyro's checks of get_importance_trace and TraceMeanField_ELBO (validation mode only)."""
@@ -78,17 +110,17 @@ class MeanFieldELBO(ELBO):
                 raise NotImplementedError(f"All distributions in the guide must be fully reparameterized (site {name!r} is not).")
 
     @staticmethod
-    def _particle_elbo(model_trace, guide_trace):
+    def _particle_elbo(model_sites, guide_sites):
         """The ELBO estimate of one (vectorized) particle, a differentiable scalar."""
         elbo = 0.0
-        for name, site in model_trace.nodes.items():
+        for name, site in model_sites.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             if site["is_observed"]:
                 log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
                 elbo = elbo + scale_and_mask(log_p, site["scale"], site["mask"]).sum()
                 continue
-            guide_site = guide_trace.nodes.get(name)
+            guide_site = guide_sites.get(name)
             if guide_site is None or guide_site["type"] != "sample":
                 raise ValueError(
                     f"latent site {name!r} of the model is not sampled by the guide: MeanFieldELBO (like Pyro's "
@@ -103,8 +135,8 @@ class MeanFieldELBO(ELBO):
             else:
                 kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
                 elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
-        for name, site in guide_trace.nodes.items():  # auxiliary guide sites: their entropy term
-            if site["type"] == "sample" and name not in model_trace.nodes and not site_is_subsample(site):
+        for name, site in guide_sites.items():  # auxiliary guide sites: their entropy term
+            if site["type"] == "sample" and name not in model_sites and not site_is_subsample(site):
                 if not site["infer"].get("is_auxiliary"):
                     raise ValueError(f"guide site {name!r} is not in the model and not marked infer={{'is_auxiliary': True}}.")
                 log_q = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
@@ -114,8 +146,8 @@ class MeanFieldELBO(ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """-ELBO, averaged over the particles: a differentiable scalar tensor."""
         elbo = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            elbo = elbo + self._particle_elbo(model_trace, guide_trace)
+        for model_sites, guide_sites in self._get_traces(model, guide, args, kwargs):
+            elbo = elbo + self._particle_elbo(model_sites, guide_sites)
         if self.num_particles != 1:
             elbo = elbo / self.num_particles
         loss = -elbo  # -elbo, since we descend a loss
