@@ -119,7 +119,7 @@ class FitCommand(click.Command):
 @click.option("--estimator", default="auto", show_default=True, help="auto, reparam, score, enum, gumbel or iwae.")
 @click.option("--baseline", help="Score-function baseline: none, average or neural (default neural; --estimator score only).")
 @click.option("--temperature", type=float, help="Gumbel-softmax initial temperature (default 1.0; --estimator gumbel only).")
-@click.option("--anneal-rate", type=float, help="Gumbel-softmax: tau = max(min, temperature * exp(-rate * step)) (default 3e-5).")
+@click.option("--anneal-rate", type=float, help="Gumbel-softmax: tau = max(min, temperature * exp(-rate * step)) (default: reach the floor at mid-fit).")
 @click.option("--min-temperature", type=float, help="Gumbel-softmax temperature floor (default 0.5).")
 @click.option("--straight-through/--no-straight-through", default=None, help="Gumbel-softmax straight-through: discrete forward, relaxed backward.")
 @click.option("--data", help="Data: FILE.csv, a folder, or synthetic:n=...,k=...; default: the model's built-in data.")

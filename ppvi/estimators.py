@@ -90,8 +90,13 @@ class Site:
 class EstimatorSettings:
     """The estimator-specific options (``--baseline``, ``--temperature`` ...); None means the default.
 
-    Defaults: baseline ``neural``; temperature 1.0, anneal_rate 3e-5 per step and
-    min_temperature 0.5 (Jang et al. 2017's code: tau = max(0.5, exp(-3e-5 t))); no straight-through.
+    Defaults: baseline ``neural``; temperature 1.0 and min_temperature 0.5 (Jang et al. 2017:
+    tau = max(0.5, exp(-r t))); anneal_rate such that tau reaches the floor halfway through the fit,
+    r = ln(temperature / min_temperature) / (steps / 2). Jang et al. used r = 1e-5 to 1e-4 over
+    hundreds of thousands of steps; a fixed r that small would leave a fit of a few thousand steps
+    at tau ~ 1, where the decoder learns on soft inputs and the discrete ELBO falls behind (measured
+    on catvae: -29.3 nats per digit after 2,250 steps at tau 0.93, against -26.2 at tau 0.5).
+    No straight-through.
     """
 
     baseline: str | None = None
@@ -124,13 +129,21 @@ class EstimatorSettings:
         if given and estimator != "gumbel":
             raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --estimator gumbel only; the estimator here is {estimator!r}.")
 
-    def resolved(self) -> dict:
-        """The values in effect (defaults filled in), for config.json."""
+    def resolved(self, total_steps: int | None = None) -> dict:
+        """The values in effect (defaults filled in; the default anneal rate needs the fit's length)."""
+        temperature = 1.0 if self.temperature is None else float(self.temperature)
+        floor = 0.5 if self.min_temperature is None else float(self.min_temperature)
+        if self.anneal_rate is not None:
+            rate = float(self.anneal_rate)
+        elif total_steps and temperature > floor:
+            rate = math.log(temperature / floor) / max(total_steps / 2, 1)
+        else:
+            rate = 0.0
         return {
             "baseline": self.baseline or "neural",
-            "temperature": 1.0 if self.temperature is None else float(self.temperature),
-            "anneal_rate": 3e-5 if self.anneal_rate is None else float(self.anneal_rate),
-            "min_temperature": 0.5 if self.min_temperature is None else float(self.min_temperature),
+            "temperature": temperature,
+            "anneal_rate": rate,
+            "min_temperature": floor,
             "straight_through": bool(self.straight_through),
         }
 
@@ -283,7 +296,8 @@ def _choose(requested: str, sites: list[Site], settings: EstimatorSettings) -> t
         "score": f"requested: score-function gradients with {_baseline_words(settings)} at "
         + (_names(nonreparam) if nonreparam else f"every latent site {_names(continuous)}"),
         "gumbel": f"requested: Gumbel-softmax relaxation of {_names(nonreparam)} "
-        f"(temperature {resolved['temperature']:g}, anneal rate {resolved['anneal_rate']:g}, floor {resolved['min_temperature']:g}"
+        f"(temperature {resolved['temperature']:g}, floor {resolved['min_temperature']:g}, anneal rate "
+        + (f"{settings.anneal_rate:g}" if settings.anneal_rate is not None else "reaching the floor at mid-fit")
         + (", straight-through" if resolved["straight_through"] else "")
         + ")",
         "iwae": "requested: importance-weighted bound",
@@ -632,14 +646,15 @@ def make_estimator(
     vectorize_particles: bool = False,
     max_plate_nesting: int = 0,
     settings: EstimatorSettings | None = None,
+    total_steps: int | None = None,
 ) -> Estimator:
     """Build the estimator chosen by :func:`choose_estimator`.
 
     ``vectorize_particles`` draws all particles in one pass, in an extra plate left of the
     model's plates (Pyro's ``vectorize_particles``); the model must broadcast over it. ``iwae``
-    always vectorizes its K = ``num_particles`` samples.
+    always vectorizes its K = ``num_particles`` samples. ``total_steps`` sets gumbel's default anneal rate.
     """
-    resolved = (settings or EstimatorSettings()).resolved()
+    resolved = (settings or EstimatorSettings()).resolved(total_steps)
     common = dict(num_particles=num_particles, vectorize_particles=vectorize_particles and num_particles > 1, max_plate_nesting=max_plate_nesting)
     nonreparam = [s for s in sites if s.where == "guide" and not s.reparameterized]
     if name == "reparam":

@@ -268,7 +268,7 @@ def fit(
         Score-function baseline (default neural); only with the score estimator.
     temperature, anneal_rate, min_temperature : float, optional
         Gumbel-softmax schedule tau_t = max(min_temperature, temperature * exp(-anneal_rate * t))
-        (defaults 1.0, 3e-5, 0.5); only with the gumbel estimator.
+        (defaults 1.0, the rate reaching the floor halfway through the fit, 0.5); only with gumbel.
     straight_through : bool, optional
         Gumbel-softmax straight-through: discrete values forward, relaxed gradients back.
     data : None, str, Tensor or dict of Tensor
@@ -416,13 +416,14 @@ def fit(
                 chosen = make_estimator(
                     name, reason, sites, model_fn, guide_fn, first, options, num_particles=num_particles,
                     vectorize_particles=vectorize_particles, max_plate_nesting=plate_depth, settings=settings,
+                    total_steps=total_steps,
                 )
             if restart == 0:
                 log_fn(f"estimator: {chosen.name} ({chosen.reason})")
                 config.update(
                     estimator=chosen.name,
                     estimator_reason=chosen.reason,
-                    estimator_options=_relevant(chosen.name, settings),
+                    estimator_options=_relevant(chosen.name, settings, total_steps),
                     sites=[dataclasses.asdict(site) for site in sites],
                     status="running",
                 )
@@ -500,9 +501,9 @@ def fit(
     return result
 
 
-def _relevant(estimator: str, settings: EstimatorSettings) -> dict:
+def _relevant(estimator: str, settings: EstimatorSettings, total_steps: int) -> dict:
     """The estimator options in effect for the chosen estimator (config.json)."""
-    values = settings.resolved()
+    values = settings.resolved(total_steps)
     if estimator == "score":
         return {"baseline": values["baseline"]}
     if estimator == "gumbel":
