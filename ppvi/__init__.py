@@ -13,11 +13,13 @@ from .compare import compare_runs, plot_traces
 from .data import Batch
 from .errors import DataError, TrainingDiverged, UsageError
 from .evaluate import elbo_per_point, evaluate, iwae_bound, log_weights, score
-from .estimators import ESTIMATORS, choose_estimator, inspect_sites
+from .estimators import ESTIMATORS, EstimatorSettings, choose_estimator, inspect_sites
 from .fit import FitResult, RestartResult, fit, resolve_device, resume
 from .gallery import gallery_names, load_model
+from .gradvar import gradient_variance, plot_gradient_variance
 from .guides import auto, standard_guides
 from .runs import load_run
+from .worked_example import worked_example
 
 # ppvi.diagnostics imports ArviZ (seconds): its names load on first use.
 _DIAGNOSTICS = ("diagnose", "to_inference_data")
@@ -38,6 +40,7 @@ __all__ = [
     "standard_guides",
     "DataError",
     "ESTIMATORS",
+    "EstimatorSettings",
     "FitResult",
     "RestartResult",
     "TrainingDiverged",
@@ -49,14 +52,17 @@ __all__ = [
     "evaluate",
     "fit",
     "gallery_names",
+    "gradient_variance",
     "inspect_sites",
     "iwae_bound",
     "load_model",
     "load_run",
     "log_weights",
+    "plot_gradient_variance",
     "plot_traces",
     "resolve_device",
     "resume",
     "score",
     "to_inference_data",
+    "worked_example",
 ]
