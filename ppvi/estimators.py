@@ -464,7 +464,7 @@ def _harden(value: torch.Tensor, discrete_fn) -> torch.Tensor:
     """The discrete value under the same noise: argmax(logits + Gumbel) is an exact draw from the categorical
     (the Gumbel-max trick), and sigmoid((logits + Logistic) / tau) > 1/2 an exact Bernoulli draw."""
     if isinstance(_unwrap(discrete_fn), torch.distributions.OneHotCategorical):
-        return nn.functional.one_hot(value.argmax(-1), value.shape[-1]).to(value.dtype)
+        return torch.zeros_like(value).scatter_(-1, value.argmax(-1, keepdim=True), 1.0)  # one_hot would sync to check
     return (value > 0.5).to(value.dtype)
 
 
