@@ -28,8 +28,10 @@ match, site shapes, ordering of sites, full reparameterization) run only when
 
 from __future__ import annotations
 
+import pyro
 import pyro.poutine as poutine
 import torch
+from torch.nn import functional as F
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
@@ -39,6 +41,41 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 
 __all__ = ["MeanFieldELBO"]
+
+
+def _scaled_sum(tensor, scale, mask):
+    """``scale_and_mask(tensor, scale, mask).sum()``; a number scale without mask multiplies the sum instead."""
+    if mask is None and isinstance(scale, (int, float)):
+        total = tensor.sum()
+        return total if scale == 1 else total * scale
+    return scale_and_mask(tensor, scale, mask).sum()
+
+
+def _log_prob_sum(site):
+    """The site's log density summed over all its dimensions, before scale and mask.
+
+    ``Independent(Bernoulli(logits=...))`` (the usual image likelihood) at a value of the logits'
+    shape is one fused ``binary_cross_entropy_with_logits(..., reduction="sum")``: Bernoulli.log_prob
+    would broadcast, negate the full-size tensor (and its gradient) and sum it in two steps.
+    """
+    fn, value = site["fn"], site["value"]
+    base = fn
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    if (
+        type(base) in _BERNOULLI
+        and "logits" in base.__dict__  # built from logits (else probs; the lazy logits would add ops)
+        and base.logits.shape == value.shape
+        and base.logits.dtype == value.dtype
+        and not site["args"]
+        and not site["kwargs"]
+        and not is_validation_enabled()  # keep Bernoulli.log_prob's check of the support
+    ):
+        return -F.binary_cross_entropy_with_logits(base.logits, value, reduction="sum")
+    return fn.log_prob(value, *site["args"], **site["kwargs"]).sum()
+
+
+_BERNOULLI = (torch.distributions.Bernoulli, pyro.distributions.Bernoulli)
 
 
 def _kl(guide_fn, model_fn):
@@ -117,8 +154,11 @@ class MeanFieldELBO(ELBO):
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             if site["is_observed"]:
-                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-                elbo = elbo + scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+                if site["mask"] is None and isinstance(site["scale"], (int, float)):
+                    elbo = elbo + _log_prob_sum(site) * site["scale"]
+                else:
+                    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                    elbo = elbo + _scaled_sum(log_p, site["scale"], site["mask"])
                 continue
             guide_site = guide_sites.get(name)
             if guide_site is None or guide_site["type"] != "sample":
@@ -130,17 +170,18 @@ class MeanFieldELBO(ELBO):
             if kl is None:  # no closed form: Monte Carlo, log p(z) - log q(z) at the guide's draw
                 log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
                 log_q = guide_site["fn"].log_prob(guide_site["value"], *guide_site["args"], **guide_site["kwargs"])
-                elbo = elbo + scale_and_mask(log_p, site["scale"], site["mask"]).sum()
-                elbo = elbo - scale_and_mask(log_q, guide_site["scale"], guide_site["mask"]).sum()
-            else:
-                kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
-                elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
+                elbo = elbo + _scaled_sum(log_p, site["scale"], site["mask"])
+                elbo = elbo - _scaled_sum(log_q, guide_site["scale"], guide_site["mask"])
+            elif torch.is_tensor(kl):
+                elbo = elbo - _scaled_sum(kl, guide_site["scale"], guide_site["mask"])
+            else:  # a number: the same KL at every element of the batch
+                elbo = elbo - scale_and_mask(kl, guide_site["scale"], guide_site["mask"]) * guide_site["fn"].batch_shape.numel()
         for name, site in guide_sites.items():  # auxiliary guide sites: their entropy term
             if site["type"] == "sample" and name not in model_sites and not site_is_subsample(site):
                 if not site["infer"].get("is_auxiliary"):
                     raise ValueError(f"guide site {name!r} is not in the model and not marked infer={{'is_auxiliary': True}}.")
                 log_q = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-                elbo = elbo - scale_and_mask(log_q, site["scale"], site["mask"]).sum()
+                elbo = elbo - _scaled_sum(log_q, site["scale"], site["mask"])
         return elbo
 
     def differentiable_loss(self, model, guide, *args, **kwargs):

@@ -162,3 +162,16 @@ def test_svi_interface():
     svi = pyro.infer.SVI(local_model, local_guide, pyro.optim.Adam({"lr": 0.01}), MeanFieldELBO(max_plate_nesting=1))
     losses = [svi.step(x) for _ in range(3)]
     assert all(isinstance(value, float) for value in losses)
+
+
+@pytest.mark.parametrize("value_shape", [(5, 7), (7,)])
+def test_bernoulli_log_prob_sum_fast_path(value_shape):
+    from ppvi.losses import _log_prob_sum
+
+    logits = torch.randn(5, 7, requires_grad=True)
+    value = torch.bernoulli(torch.full(value_shape, 0.5))
+    fn = dist.Bernoulli(logits=logits).to_event(1)
+    with pyro.validation_enabled(False):
+        fast = _log_prob_sum({"fn": fn, "value": value, "args": (), "kwargs": {}})
+    torch.testing.assert_close(fast, fn.log_prob(value).sum())
+    torch.testing.assert_close(torch.autograd.grad(fast, logits)[0], torch.autograd.grad(fn.log_prob(value).sum(), logits)[0])
