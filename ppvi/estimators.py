@@ -117,6 +117,11 @@ class EstimatorSettings:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {value!r}).")
         if self.anneal_rate is not None and not (math.isfinite(self.anneal_rate) and self.anneal_rate >= 0):
             raise UsageError(f"--anneal-rate must be zero or positive (got {self.anneal_rate!r}).")
+        if self.min_temperature is not None and self.min_temperature > (1.0 if self.temperature is None else self.temperature):
+            raise UsageError(
+                f"--min-temperature {self.min_temperature:g} exceeds the starting temperature "
+                f"{1.0 if self.temperature is None else self.temperature:g}; the temperature only falls."
+            )
         self.check_applies(requested)
 
     def check_applies(self, estimator: str) -> None:
@@ -132,7 +137,8 @@ class EstimatorSettings:
     def resolved(self, total_steps: int | None = None) -> dict:
         """The values in effect (defaults filled in; the default anneal rate needs the fit's length)."""
         temperature = 1.0 if self.temperature is None else float(self.temperature)
-        floor = 0.5 if self.min_temperature is None else float(self.min_temperature)
+        # the default floor is 0.5, or the starting temperature when that is lower (a fixed low temperature)
+        floor = min(0.5, temperature) if self.min_temperature is None else float(self.min_temperature)
         if self.anneal_rate is not None:
             rate = float(self.anneal_rate)
         elif total_steps and temperature > floor:
@@ -610,15 +616,26 @@ class _IWAE(Estimator):
 
 
 def _local_plate(model_fn, guide_fn, args) -> str | None:
-    """The plate every sample site of model and guide lies in (its per-point bound is exact), else None."""
+    """The plate every sample site of model and guide lies in (its per-point bound is exact), else None.
+
+    Without one the bound is joint, log mean_k exp(sum of all log weights), which is a bound on
+    log p(x) only on the full data: on a minibatch the subsample scale N/B multiplies the log
+    likelihood inside the logsumexp, and the result can exceed log p(x). So minibatches are refused there.
+    """
     with poutine.block():
         guide_trace = poutine.trace(guide_fn).get_trace(*args)
         model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(*args)
     sites = [site for trace in (guide_trace, model_trace) for site in trace.nodes.values() if site["type"] == "sample" and not site_is_subsample(site)]
-    if not sites:
-        return None
-    common = set.intersection(*({frame.name for frame in site["cond_indep_stack"] if frame.vectorized} for site in sites))
-    return "data" if "data" in common else (next(iter(common)) if len(common) == 1 else None)
+    common = set.intersection(*({frame.name for frame in site["cond_indep_stack"] if frame.vectorized} for site in sites)) if sites else set()
+    plate = "data" if "data" in common else (next(iter(common)) if len(common) == 1 else None)
+    if plate is None and any(not (isinstance(site["scale"], (int, float)) and site["scale"] == 1.0) for site in sites):
+        globals_ = [name for name, site in guide_trace.nodes.items() if _latent_sample(site) and not any(f.vectorized for f in site["cond_indep_stack"])]
+        raise UsageError(
+            f"iwae on minibatches needs every latent site to belong to one data point; {', '.join(repr(n) for n in globals_) or 'some site'} "
+            "is global, and the joint importance-weighted bound on a subsample (log-likelihood scaled by N/B inside the "
+            "logsumexp) is not a lower bound on log p(x). Fit full batch (no --batch-size), or use reparam."
+        )
+    return plate
 
 
 # ----------------------------------------------------------------------------- construction

@@ -218,7 +218,7 @@ def gradient_variance(
                     choose_estimator(name, sites, settings)  # raises with the reason
                 continue
             if name == "gumbel" and temperature is not None:
-                settings = EstimatorSettings(temperature=temperature, anneal_rate=0.0)
+                settings = EstimatorSettings(temperature=temperature, anneal_rate=0.0, min_temperature=temperature)
             particles = num_particles if name != "iwae" or num_particles > 1 else 5
             with torch.no_grad():  # every estimator starts from the same parameters and baseline state
                 for param_name, value in store.named_parameters():
