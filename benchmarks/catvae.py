@@ -36,8 +36,10 @@ Per method it reports:
   (sum over coordinates) per parameter group (encoder, decoder) for score none / average / neural and
   gumbel, D draws (default 200) on the run's first minibatch of 100, at the fitted parameters of the
   ``score neural`` run and, as a second point, of the ``gumbel`` run (each row says which).
-  Baselines are warmed up to those parameters first (gradvar's default 200 steps); the gumbel
-  gradient is that of the relaxed ELBO at the gumbel run's final temperature.
+  Baselines are warmed up to those parameters first (gradvar's default 200 steps); at the ``score
+  neural`` run the warm-up does not reach the neural network (gradvar keeps the run's trained network
+  as it is, see benchmarks/README.md), at the ``gumbel`` run it fits a fresh one. The gumbel gradient
+  is that of the relaxed ELBO at the gumbel run's final temperature.
 
 Usage::
 
