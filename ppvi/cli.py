@@ -374,9 +374,7 @@ def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_
 
         Path(out).mkdir(parents=True, exist_ok=True)
         atomic_write(Path(out) / "gradvar.csv", lambda temporary: frame.to_csv(temporary, index=False))
-        import matplotlib.pyplot as plt
-
-        plt.close(plot_gradient_variance(frame, Path(out) / "gradvar.png"))
+        plot_gradient_variance(frame, Path(out) / "gradvar.png")
         output.print(f"wrote {Path(out) / 'gradvar.csv'} and gradvar.png")
 
 

@@ -741,10 +741,7 @@ def compare_to_reference(vi: az.InferenceData, reference: az.InferenceData) -> N
 
 def plot_comparison(vi: az.InferenceData, reference: az.InferenceData, path: Path, names=("VI", "NUTS")) -> Path:
     """ArviZ forest plot of VI against the reference (94% HDIs, chains combined), saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # ArviZ draws through pyplot; headless machines fall back to Agg by themselves
 
     var_names = [name for name in vi.posterior.data_vars if name in reference.posterior.data_vars]
     with _arviz_quiet():

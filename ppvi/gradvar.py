@@ -245,17 +245,18 @@ def gradient_variance(
 
 
 def plot_gradient_variance(table: pd.DataFrame, path=None, ax=None):
-    """Bar chart of each group's gradient variance per estimator (log scale); saved to ``path`` if given."""
-    import matplotlib
+    """Bar chart of each group's gradient variance per estimator (log scale); saved to ``path`` if given.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns the figure; without ``ax`` it is a bare ``matplotlib.figure.Figure`` (pyplot's state
+    and backend untouched: in a notebook, display it as the cell's value).
+    """
     import seaborn as sns
+    from matplotlib.figure import Figure
 
     from .rundir import atomic_write
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(7, 4))
+        ax = Figure(figsize=(7, 4), layout="constrained").subplots()
     sns.barplot(data=table, x="group", y="variance", hue="estimator", ax=ax)
     ax.set_yscale("log")
     ax.set_ylabel("total variance of one gradient draw")

@@ -84,13 +84,11 @@ def load_checkpoint(run_dir: Path, map_location=None) -> dict | None:
 
 def plot_trace(run_dir: Path, trace: pd.DataFrame, title: str) -> None:
     """Save elbo.png: the ELBO against the step, one line per restart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state touched (notebooks)
 
-    figure, axes = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    axes = figure.subplots()
     frame = trace.assign(restart=trace["restart"].astype(str))
     window = max(1, len(frame) // (50 * frame["restart"].nunique()))
     frame["smoothed"] = frame.groupby("restart")["elbo"].transform(lambda s: s.rolling(window, center=True, min_periods=1).mean())
@@ -103,4 +101,3 @@ def plot_trace(run_dir: Path, trace: pd.DataFrame, title: str) -> None:
         axes.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
     axes.set(title=title, xlabel="step", ylabel="ELBO")
     atomic_write(Path(run_dir) / PLOT, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
-    plt.close(figure)

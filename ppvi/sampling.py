@@ -258,10 +258,7 @@ def tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def save_grid(images: np.ndarray, path, *, rows: int, cols: int, scale: int | None = None) -> tuple[int, int]:
     """Tile (n, H, W) images and save them as a PNG of exactly :func:`grid_pixel_shape` pixels (atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state touched (notebooks)
 
     from .rundir import atomic_write
 
@@ -270,16 +267,13 @@ def save_grid(images: np.ndarray, path, *, rows: int, cols: int, scale: int | No
     scale = default_scale(height, width) if scale is None else scale
     canvas = tile(images, rows, cols)
     pixel_height, pixel_width = grid_pixel_shape(rows, cols, height, width, scale)
-    figure = plt.figure(figsize=(pixel_width / DPI, pixel_height / DPI), dpi=DPI)
-    try:
-        ax = figure.add_axes([0, 0, 1, 1])
-        ax.set_axis_off()
-        ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=DPI))
-    finally:
-        plt.close(figure)
+    figure = Figure(figsize=(pixel_width / DPI, pixel_height / DPI), dpi=DPI)
+    ax = figure.add_axes([0, 0, 1, 1])
+    ax.set_axis_off()
+    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=DPI))
     return pixel_height, pixel_width
 
 

@@ -310,3 +310,18 @@ def test_compare_runs_returns_one_tidy_frame_with_a_run_column(cli, gmm_run, tmp
 def test_compare_runs_on_a_missing_folder_is_a_usage_error(tmp_path):
     with pytest.raises(ppvi.UsageError):
         ppvi.compare_runs([tmp_path / "absent"])
+
+
+def test_writing_plots_leaves_matplotlibs_backend_alone(tmp_path):
+    # In a notebook, a library call that switched pyplot to Agg silently stopped every later figure from showing.
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        ppvi.fit("normal_normal", steps=5, out=tmp_path / "run")
+        ppvi.plot_gradient_variance(ppvi.gradient_variance("normal_normal", estimators=["reparam"], num_draws=3), tmp_path / "g.png")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "run" / "elbo.png").exists() and (tmp_path / "g.png").exists()
+    finally:
+        matplotlib.use(before)
