@@ -7,8 +7,10 @@ per-step machinery that the analytic-KL case does not need: ``get_importance_tra
 (``Trace.compute_log_prob``) and the guide's score parts (``compute_score_parts``), then the
 analytic KL ignores log q(z) and log p(z) of the latent sites, whose graphs autograd still walks
 back; and ``Trace_ELBO.differentiable_loss`` reads the loss back to the host twice
-(``torch_item``). Here each particle traces the guide once and replays the model against it once,
-then the ELBO of the particle is
+(``torch_item``). Here each particle runs the guide once and replays the model against it once,
+recording the sample sites under one messenger (``_Sites``: what ``poutine.trace(poutine.replay(...))``
+records of them, without the param sites that ``pyro.module`` emits per weight), then the ELBO
+of the particle is
 
     sum over observed model sites x:   scale * mask * log p(x | ...)
     minus, over latent model sites z:  scale * mask * KL(q(z) || p(z))          (closed form registered)
@@ -16,7 +18,12 @@ then the ELBO of the particle is
     minus, over auxiliary guide sites: scale * mask * log q(z)
 
 with the scale and mask of the site as Pyro's ``scale_and_mask`` applies them (the guide site's
-for KL and log q, the model site's for log p), and subsample sites skipped. Particles are a loop,
+for KL and log q, the model site's for log p), and subsample sites skipped. Two shortcuts, equal
+up to rounding: a number scale without mask multiplies the site's sum rather than each element,
+and an ``Independent(Bernoulli(logits))`` observed site is one fused
+``binary_cross_entropy_with_logits(..., reduction="sum")``, without Bernoulli.log_prob's broadcast
+and its negation of the full-size tensor, forward and backward (benchmarks/README.md, ``vae.py``,
+has the measured savings). Particles are a loop,
 or one vectorized pass in an outermost ``pyro.plate`` at dim ``-max_plate_nesting`` (Pyro's
 ``vectorize_particles``, inherited from :class:`pyro.infer.ELBO`); the loss is the mean over them.
 
