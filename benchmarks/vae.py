@@ -36,7 +36,8 @@ Methods timed:
 ``--no-pyro`` times the two ppvi fits and the hand-written loop alone.
 
 Per-epoch time is the mean step time (from the second step to the last, so the first step's lazy
-initialisation is excluded; for ppvi read from its ELBO trace's ``time_s``) times 63 steps. A
+initialisation is excluded; for ppvi read from its ELBO trace's ``time_s``) times 63 steps; steps
+are timed by the wall clock, or with ``--clock cpu`` by this thread's CPU time. A
 warm-up of every method runs first. "fit total" is the whole ``ppvi.fit`` call (data loading from
 the IDX folder, site inspection, the steps).
 
@@ -51,6 +52,7 @@ with the standard error of the paired per-image difference.
 Usage::
 
     python benchmarks/vae.py                     # 3 epochs, 1 thread, cpu (a few minutes)
+    python benchmarks/vae.py --clock cpu         # step times in this thread's CPU time (shared machines)
     python benchmarks/vae.py --epochs 20 --threads 2
     python benchmarks/vae.py --device cuda --iwae-k 500
 """
