@@ -2,8 +2,8 @@
 
 =========  ==============================================================
 reparam    pathwise gradients (Kingma & Welling 2014): Trace_ELBO, or
-           TraceMeanField_ELBO (analytic KL where registered) when the
-           guide is mean-field
+           MeanFieldELBO (analytic KL where registered; TraceMeanField_ELBO's
+           estimator, leaner) when the guide is mean-field
 score      score function / REINFORCE (Williams 1992; Ranganath et al.
            2014) at the non-reparameterizable guide sites, Rao-Blackwellised
            by Pyro's dependency tracking (TraceGraph_ELBO), with a baseline
@@ -48,11 +48,12 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .errors import UsageError
+from .losses import MeanFieldELBO
 
 __all__ = [
     "ESTIMATORS", "BASELINES", "ENUM_MAX_SUPPORT", "Site", "EstimatorSettings", "Estimator",
@@ -676,7 +677,8 @@ def make_estimator(
     nonreparam = [s for s in sites if s.where == "guide" and not s.reparameterized]
     if name == "reparam":
         if _analytic_kl_applies(model_fn, guide_fn, *args):
-            return Estimator(name, reason + "; analytic KL where registered (TraceMeanField_ELBO)", TraceMeanField_ELBO(**common), model_fn, guide_fn)
+            reason += "; analytic KL where registered (ppvi's MeanFieldELBO: TraceMeanField_ELBO's estimator, log densities at observed sites only)"
+            return Estimator(name, reason, MeanFieldELBO(**common), model_fn, guide_fn)
         return Estimator(name, reason + " (Trace_ELBO)", Trace_ELBO(**common), model_fn, guide_fn)
     if name == "enum":
         summed = frozenset(s.name for s in sites if (s.where == "model" or not s.reparameterized) and s.enumerable)
