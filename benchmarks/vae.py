@@ -63,6 +63,7 @@ import argparse
 import contextlib
 import importlib.util
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -88,7 +89,7 @@ from ppvi.losses import MeanFieldELBO
 FIT_MODULE = sys.modules["ppvi.fit"]  # the module; the package's ``ppvi.fit`` is the function
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
+MNIST = Path(os.environ.get("PPVI_MNIST", REPO.parent / "shared" / "data" / "mnist"))  # PPVI_MNIST: another copy of the folder
 NUM_TRAIN, NUM_HELDOUT = 8000, 2000
 HIDDEN, LATENT, BATCH, LR = 400, 50, 128, 1e-3
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # --clock
