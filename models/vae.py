@@ -207,7 +207,8 @@ class Model:
             scale = pyro.param("x_scale", lambda: x.new_tensor(0.1), constraint=constraints.greater_than(MIN_GAUSSIAN_SCALE))
         with pyro.plate("data", batch.num_data, subsample=batch.index):
             with _kl_weight(options.beta):
-                z = pyro.sample("z", dist.Normal(x.new_zeros(options.latent_dim), 1.0).to_event(1))
+                # tensors, not the float 1.0: on CUDA a Python scalar becomes a host-to-device copy every step
+                z = pyro.sample("z", dist.Normal(x.new_zeros(options.latent_dim), x.new_ones(options.latent_dim)).to_event(1))
             logits = self.decoder(z).reshape(*z.shape[:-1], *self.image_shape)
             event_dims = len(self.image_shape)
             if options.likelihood == "bernoulli":
