@@ -73,7 +73,9 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
             num_data = result.config["num_data"]
             batches = _Batches(num_data, batch_size, seed, next(iter(result.data.values())).device)
             batch = _batch(result.data, batches.index(0), num_data, batches.batch_size is None)
-            yield chosen.model_fn, chosen.guide_fn, batch, result.options, f"{run} (restart {chosen.restart})"
+            stream = _Batches(num_data, batch_size, seed + 1, batch.index.device)
+            sample = lambda step: _batch(result.data, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
+            yield chosen.model_fn, chosen.guide_fn, batch, result.options, f"{run} (restart {chosen.restart})", sample
         return
     model_file = load_model(model)
     guide = guide or model_file.default_guide
@@ -94,7 +96,9 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
         batches = _Batches(num_data, batch_size, seed, torch_device)
         batch = _batch(tensors, batches.index(0), num_data, batches.batch_size is None)
         inspect_sites(model_fn, guide_fn, batch, options)  # creates the parameters, seeded
-        yield model_fn, guide_fn, batch, options, f"{model_file.name}/{guide} at its initial parameters (seed {seed})"
+        stream = _Batches(num_data, batch_size, seed + 1, torch_device)
+        sample = lambda step: _batch(tensors, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
+        yield model_fn, guide_fn, batch, options, f"{model_file.name}/{guide} at its initial parameters (seed {seed})", sample
 
 
 def _draws(estimator, batch, options, targets: dict, num_draws: int) -> pd.DataFrame:
@@ -136,19 +140,26 @@ def _draws(estimator, batch, options, targets: dict, num_draws: int) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def _warmup(estimator, batch, options, steps: int, lr: float) -> None:
-    """Fit the baseline (only the baseline) to the fixed parameters."""
+def _warmup(estimator, sample, options, steps: int, lr: float) -> None:
+    """Fit the baseline (only the baseline) to the fixed parameters, on minibatches drawn as in training.
+
+    Then the decaying average is frozen. Both matter: Pyro keeps one average per *batch position*,
+    so on a fixed minibatch it would converge to each point's own mean cost, an input-dependent
+    baseline that training (fresh batches each step) never has.
+    """
     store = pyro.get_param_store()
     baseline_params = [value for name, value in store.named_parameters() if name.startswith("_ppvi_baseline.")]
     optimizer = torch.optim.Adam(baseline_params, lr=lr) if baseline_params else None
-    for _ in range(steps):
-        _, loss = estimator.loss(batch, options, step=0)
+    for step in range(steps):
+        _, loss = estimator.loss(sample(step), options, step=0)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     for value in store.values():
         value.grad = None
+    if estimator.baselines is not None:
+        estimator.baselines.baseline_beta = 1.0  # average_new = 0 * cost + 1 * average_old: frozen
 
 
 def gradient_variance(
@@ -205,7 +216,7 @@ def gradient_variance(
     specs = [parse_estimator(spec) + (spec,) for spec in (estimators or DEFAULT_ESTIMATORS)]
     log_fn = log_fn or (lambda message: None)
     frames = []
-    with _setup(model, guide, data, options, run, restart, batch_size, seed, device) as (model_fn, guide_fn, batch, options_value, label):
+    with _setup(model, guide, data, options, run, restart, batch_size, seed, device) as (model_fn, guide_fn, batch, options_value, label, sample):
         log_fn(f"gradients at {label}, a fixed batch of {len(batch.index)} points, {num_draws} draws per estimator")
         with pyro.validation_enabled(True):
             sites, depth = inspect_sites(model_fn, guide_fn, batch, options_value)
@@ -233,7 +244,7 @@ def gradient_variance(
                                            num_particles=particles, vectorize_particles=particles > 1 and name == "iwae",
                                            max_plate_nesting=depth, settings=settings)
                 if name == "score" and settings.resolved()["baseline"] != "none" and warmup:
-                    _warmup(estimator, batch, options_value, warmup, warmup_lr)
+                    _warmup(estimator, sample, options_value, warmup, warmup_lr)
                 frame = _draws(estimator, batch, options_value, _targets(store), num_draws)
             frame.insert(0, "estimator", spec if name != "iwae" else f"iwae (K={particles})")
             frame["num_draws"] = num_draws

@@ -150,7 +150,7 @@ def test_score_gradient_is_unbiased_against_exact_enumeration(baseline):
     # Familywise false alarm: 9 coordinates x 6.3e-5 = 5.7e-4 per baseline (t_49 tails: 2e-3).
     estimator = _toy_estimator("score", EstimatorSettings(baseline=baseline), num_particles=SCORE_PARTICLES, vectorize_particles=True)
     if baseline != "none":
-        _warmup(estimator, TOY_BATCH, None, steps=50, lr=1e-2)  # fits only the baseline; the logits stay put
+        _warmup(estimator, lambda step: TOY_BATCH, None, steps=50, lr=1e-2)  # fits only the baseline; the logits stay put
         assert torch.equal(pyro.param("logits").detach(), LOGITS)
     mean, se, elbo, elbo_se = _draw(estimator, SCORE_BATCHES)
     truth_elbo, truth = exact_gradient()
