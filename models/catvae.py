@@ -15,13 +15,19 @@ The latent is written as ONE sample site ``z`` with value of shape (batch, V, C)
 ``OneHotCategorical(logits).to_event(1)`` inside the data plate. Enumerating it is infeasible:
 the joint support of the V variables has C^V values (10^20 in the default setup), and Pyro's
 ``Independent`` over the V variables has no enumerate support at all. So ``--estimator auto``
-picks ``score`` (REINFORCE at ``z`` with Rao-Blackwellisation and a decaying-average baseline,
-TraceGraph_ELBO; pathwise gradients for the decoder), and ``--estimator enum`` and ``reparam``
-are refused, naming the site.
+picks ``score`` (REINFORCE at ``z``, Rao-Blackwellised by TraceGraph_ELBO, with the neural baseline;
+pathwise gradients for the decoder), and ``--estimator enum`` and ``reparam`` are refused, naming the
+site. ``--estimator gumbel`` relaxes ``z`` (Gumbel-softmax, Jang et al. 2017; Concrete, Maddison et
+al. 2017) and records the discrete ELBO.
 
-This model is the test bed for the estimator work coming next: better score-function baselines
-(learned / input-dependent control variates) and relaxed reparameterizations (Gumbel-softmax /
-Concrete, Jang et al. 2017; Maddison et al. 2017), compared on the same ELBO.
+This model is the test bed of the estimators (``notebooks/02_gradient_estimators.ipynb``,
+``benchmarks/catvae.py``). On the 8x8 digits, with the fit defaults (40 epochs of batches of 128,
+600 steps, lr 3e-3; about 15 s on 2 CPU cores), every score-function variant collapses: the ELBO
+ends near -27.2 nats per binarized image, no better than the best model with independent pixels
+(-27.1), with KL(q(z | x) || uniform) of about 0.02 nats per image (out of at most 20 log 10 = 46).
+There is little to gain from the code on 64 pixels (Gumbel-softmax reaches -26.2 in the same budget,
+-25.8 in 150 epochs), and the score-function noise swamps it. On MNIST the code is worth tens of
+nats and every estimator uses it; see ``benchmarks/README.md`` for the numbers.
 
 Guides
 ------
@@ -31,14 +37,6 @@ amortized  q(z[i, v] | x[i]) = OneHotCategorical(softmax(encoder(x[i])[v])), ind
 Data: scikit-learn's 8x8 digits by default (1797 images, ``ppvi.images.load_digits``);
 ``--data DIR`` reads the MNIST training split from a folder of IDX files. The data dict is
 ``{"x": images flattened to (N, H*W), "labels": labels}`` (labels ride along, unused by the fit).
-
-Fit defaults (40 epochs of batches of 128 on the digits, 600 steps, lr 3e-3): about 15 s for
-``ppvi fit catvae`` on 2 CPU cores, ending near -27.2 nats per binarized image (seed 0). That is no
-better than the best model with independent pixels (-27.1 nats): with the plain score-function
-estimator the posterior collapses, KL(q(z | x) || uniform) = 0.02 nats per image at the end
-(out of at most 20 log 10 = 46), so the code carries almost nothing. The gradient noise at ``z``
-swamps the encoder's signal while the decoder learns the pixel means; this is the baseline the
-estimator work above has to beat.
 """
 
 from dataclasses import dataclass, field
