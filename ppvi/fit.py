@@ -618,7 +618,9 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
                 raise
             if len(store.keys()) != known:  # a site created parameters lazily: let Adam see them too
                 seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
-                optimizer.add_param_group({"params": [p for p in _trainable(store).values() if id(p) not in seen]})
+                new = [p for p in _trainable(store).values() if id(p) not in seen]
+                if new:  # (a decaying-average baseline is state, not a parameter: no group for it)
+                    optimizer.add_param_group({"params": new})
                 known = len(store.keys())
             if schedule[1] != 1.0:  # a function of the step alone, so resuming needs no scheduler state
                 for group in optimizer.param_groups:
