@@ -34,7 +34,7 @@ def beta_moments(a, b):
 
 SETTINGS = {
     "reparam": dict(steps=3000, num_particles=8, lr_decay=0.01),
-    # REINFORCE at every site: 32 vectorised particles and a decaying-average baseline
+    # REINFORCE at every site: 32 vectorised particles and the default (neural) baseline
     "score": dict(steps=2000, num_particles=32, lr_decay=0.05),
 }
 
