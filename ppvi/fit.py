@@ -102,6 +102,18 @@ def _device_scope(device: torch.device):
     return torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
 
 
+def load_data_tensors(model_file: ModelFile, data, options, device: torch.device) -> tuple[str | None, dict]:
+    """``(source, tensors on device)``: a source string (or None, built-in) goes through the model's loader;
+    tensors are used as given (``source`` "in-memory")."""
+    if data is None or isinstance(data, (str, Path)):
+        source = None if data is None else str(data)
+        tensors = model_file.load_data(source, options)
+    else:
+        source = "in-memory"
+        tensors = data if isinstance(data, dict) else {"x": data}
+    return source, {name: value.to(device) for name, value in tensors.items()}
+
+
 def _positive(name: str, value, kind=int):
     if value is None:
         return None
@@ -380,14 +392,7 @@ def fit(
     torch_device = resolve_device(device)
     options = model_file.make_options(options)
 
-    # Data: a source string goes through the model's loader; tensors are used as given.
-    if data is None or isinstance(data, (str, Path)):
-        source = None if data is None else str(data)
-        data_tensors = model_file.load_data(source, options)
-    else:
-        source = "in-memory"
-        data_tensors = data if isinstance(data, dict) else {"x": data}
-    data_tensors = {name: value.to(torch_device) for name, value in data_tensors.items()}
+    source, data_tensors = load_data_tensors(model_file, data, options, torch_device)
     num_data = next(iter(data_tensors.values())).shape[0]
     if batch_size is not None and batch_size > num_data:
         batch_size = None  # a batch as large as the data set is full-batch

@@ -61,7 +61,7 @@ def _targets(store) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
     """Yield (model_fn, guide_fn, batch, options, label) with the parameters in the param store."""
-    from .fit import _Batches, _batch, _instantiate, resolve_device
+    from .fit import _Batches, _batch, _instantiate, load_data_tensors, resolve_device
     from .gallery import load_model
     from .runs import load_run, restart_params
 
@@ -83,8 +83,7 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
         raise UsageError(f"model {model_file.name!r} has no guide {guide!r}; its guides are: {', '.join(model_file.guides)}.")
     torch_device = resolve_device(device)
     options = model_file.make_options(options)
-    tensors = model_file.load_data(None if data is None else str(data), options) if data is None or isinstance(data, (str, Path)) else data
-    tensors = {name: value.to(torch_device) for name, value in (tensors if isinstance(tensors, dict) else {"x": tensors}).items()}
+    _, tensors = load_data_tensors(model_file, data, options, torch_device)
     num_data = next(iter(tensors.values())).shape[0]
     batch_size = batch_size or model_file.fit_defaults.get("batch_size")
     store = pyro.get_param_store()
