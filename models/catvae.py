@@ -47,7 +47,7 @@ from torch import nn
 import pyro
 import pyro.distributions as dist
 
-from ppvi.images import binarize, check_unit_interval, load_digits, load_mnist
+from ppvi.images import binarize, check_unit_interval, flat_image_data, num_pixels
 
 FIT_DEFAULTS = {"epochs": 40, "batch_size": 128, "lr": 3e-3}
 
@@ -68,14 +68,11 @@ class Options:
 
 
 def load_data(source, options):
-    images, labels = load_digits() if source is None else load_mnist(source, "train")
-    return {"x": images.reshape(images.shape[0], -1), "labels": labels}
+    return flat_image_data(source)
 
 
 def _num_pixels(x) -> int:
-    if x.dim() < 2:
-        raise ValueError("the categorical VAE needs images (one row of pixels per data point), got a vector of scalars.")
-    return x.shape[1:].numel()
+    return num_pixels(x, "the categorical VAE")
 
 
 class Model:

@@ -35,6 +35,8 @@ __all__ = [
     "load_digits",
     "binarize",
     "check_unit_interval",
+    "flat_image_data",
+    "num_pixels",
 ]
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -273,6 +275,23 @@ def load_digits() -> ImageSet:
         images=torch.as_tensor(digits.images / 16.0, dtype=torch.float32),
         labels=torch.as_tensor(digits.target, dtype=torch.int64),
     )
+
+
+def flat_image_data(source: str | Path | None) -> dict:
+    """A model file's data for an image model with a flat pixel vector per image.
+
+    ``source`` None gives the built-in 8x8 digits, else the MNIST training split in that folder;
+    returns ``{"x": (N, H*W) intensities in [0, 1], "labels": (N,)}``.
+    """
+    images, labels = load_digits() if source is None else load_mnist(source, "train")
+    return {"x": images.reshape(images.shape[0], -1), "labels": labels}
+
+
+def num_pixels(x: torch.Tensor, model: str) -> int:
+    """Pixels per data point of an image tensor (N, ...); ValueError naming ``model`` for a vector of scalars."""
+    if x.dim() < 2:
+        raise ValueError(f"{model} needs images (one row of pixels per data point), got a vector of scalars.")
+    return x.shape[1:].numel()
 
 
 def check_unit_interval(images: torch.Tensor, name: str) -> torch.Tensor:
