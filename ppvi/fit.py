@@ -60,7 +60,7 @@ class RestartResult:
 class FitResult:
     """What :func:`fit` returns: plain data, nothing hidden in global state."""
 
-    params: dict  # of the best restart (highest final ELBO)
+    params: dict | None  # of the best restart (highest final ELBO); None: filled in from the restarts
     elbo_trace: pd.DataFrame  # restart, step, epoch, elbo, time_s
     estimator: str
     estimator_reason: str
@@ -76,6 +76,10 @@ class FitResult:
     @property
     def best(self) -> RestartResult:
         return max(self.restarts, key=lambda restart: restart.final_elbo)
+
+    def __post_init__(self):
+        if self.params is None and self.restarts:
+            self.params = self.best.params
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -538,7 +542,6 @@ def fit(
         data=data_tensors,
         run_dir=run_dir,
     )
-    result.params = result.best.params
     config.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restart_results])
     if run_dir is not None:
         rundir.write_json(run_dir / rundir.CONFIG, config)

@@ -117,7 +117,7 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
                 guide_fn=guide_fn,
             )
         )
-    result = FitResult(
+    return FitResult(
         params=None,
         elbo_trace=trace,
         estimator=config.get("estimator"),
@@ -131,8 +131,6 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
         data=data,
         run_dir=run_dir,
     )
-    result.params = result.best.params
-    return result
 
 
 def full_batch(result: FitResult) -> Batch:
