@@ -41,7 +41,6 @@ Data: scikit-learn's 8x8 digits by default (1797 images, ``ppvi.images.load_digi
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 import pyro

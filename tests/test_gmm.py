@@ -5,12 +5,13 @@ stated beside each assertion, from the sampling error of what is compared.
 """
 
 import numpy as np
-import pyro
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import BayesianGaussianMixture
+
+import pyro
 
 import ppvi
 from ppvi.data import Batch, old_faithful, standardize, synthetic_gmm
@@ -265,6 +266,7 @@ def test_fit_ends_with_one_component_per_cluster(data_seed, seed):
     # (data set, fit seed) pairs where ppvi's earlier plain k-means++ started two components in
     # one cluster, and the fit stayed there: 0.63, 1.19 and 0.32 nats per point below the optimum.
     x, truth = synthetic_gmm(600, 3, 2, seed=data_seed)
-    result = ppvi.fit("gmm", guide="meanfield", data=x, options={"num_components": 3, "standardize": False}, steps=100, seed=seed, device="cpu")
+    options = {"num_components": 3, "standardize": False}
+    result = ppvi.fit("gmm", guide="meanfield", data=x, options=options, steps=100, seed=seed, device="cpu")
     _, locs, _ = posterior_mean_parameters(result.params)
     assert (components_per_cluster(locs, truth["locs"]) == 1).all(), locs
