@@ -37,17 +37,14 @@ growing upwards.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import UsageError
 from .plots import save_figure  # sampling.save_figure: the CLI saves latent_scatter with it
+from .results import FitResult
 from .runs import load_run, restart_params, rng_scope
-
-if TYPE_CHECKING:  # annotations only: sampling works on what ppvi.runs loads, below ppvi.fit
-    from .fit import FitResult
 
 __all__ = [
     "prior_samples",
