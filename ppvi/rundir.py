@@ -83,21 +83,7 @@ def load_checkpoint(run_dir: Path, map_location=None) -> dict | None:
 
 
 def plot_trace(run_dir: Path, trace: pd.DataFrame, title: str) -> None:
-    """Save elbo.png: the ELBO against the step, one line per restart."""
-    import seaborn as sns
-    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state touched (notebooks)
+    """Save elbo.png: the ELBO against the step, one line per restart (now :func:`ppvi.plots.save_trace_plot`)."""
+    from .plots import save_trace_plot  # plots builds on this module; imported here to avoid a cycle
 
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
-    axes = figure.subplots()
-    frame = trace.assign(restart=trace["restart"].astype(str))
-    window = max(1, len(frame) // (50 * frame["restart"].nunique()))
-    frame["smoothed"] = frame.groupby("restart")["elbo"].transform(lambda s: s.rolling(window, center=True, min_periods=1).mean())
-    hue = "restart" if frame["restart"].nunique() > 1 else None
-    sns.lineplot(data=frame, x="step", y="elbo", hue=hue, ax=axes, linewidth=0.6, alpha=0.35, legend=False)
-    if window > 1:  # the rolling mean shows the trend under the per-step Monte Carlo noise
-        sns.lineplot(data=frame, x="step", y="smoothed", hue=hue, ax=axes, linewidth=1.4)
-    low, high = frame["elbo"].quantile([0.05, 1.0])
-    if frame["elbo"].min() < low - (high - low):  # keep early transients from flattening the picture
-        axes.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
-    axes.set(title=title, xlabel="step", ylabel="ELBO")
-    atomic_write(Path(run_dir) / PLOT, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    save_trace_plot(run_dir, trace, title)
