@@ -30,6 +30,7 @@ from .estimators import EstimatorSettings, choose_estimator, inspect_sites, make
 from .gallery import ModelFile, load_model
 from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
 from .results import FitResult, RestartResult
+from .version import __version__
 
 __all__ = ["fit", "resume", "train", "resolve_device", "FitConfig", "FitResult", "RestartResult", "ElboBuffer", "SYNC_EVERY"]
 
@@ -314,8 +315,6 @@ def _settings_differ(old: dict, config: FitConfig) -> list[str]:
 
 def _record(model, model_file, config: FitConfig, options, source, batches: Batches, total_steps: int, device: torch.device) -> dict:
     """config.json: the settings (to rerun) and what they resolved to (to read)."""
-    from . import __version__
-
     return {
         "model": model_file.name if Path(str(model)).suffix != ".py" else str(model_file.path),
         "model_path": str(model_file.path),

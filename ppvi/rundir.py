@@ -22,7 +22,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["atomic_write", "write_json", "read_config", "write_trace", "read_trace", "save_checkpoint", "load_checkpoint", "plot_trace"]
+__all__ = ["atomic_write", "write_json", "read_config", "write_trace", "read_trace", "save_checkpoint", "load_checkpoint"]
 
 CONFIG, TRACE, PARAMS, PLOT = "config.json", "elbo.csv", "params.pt", "elbo.png"
 
@@ -80,10 +80,3 @@ def load_checkpoint(run_dir: Path, map_location=None) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def plot_trace(run_dir: Path, trace: pd.DataFrame, title: str) -> None:
-    """Save elbo.png: the ELBO against the step, one line per restart (now :func:`ppvi.plots.save_trace_plot`)."""
-    from .plots import save_trace_plot  # plots builds on this module; imported here to avoid a cycle
-
-    save_trace_plot(run_dir, trace, title)
