@@ -24,12 +24,12 @@ from . import rundir
 from .data import Batch
 from .errors import UsageError
 from .fit import FitResult, RestartResult, _instantiate  # one rule for building model and guide classes
-from .gallery import load_model
+from .rundir import resolve_model
 
-__all__ = ["load_run", "restart_params", "full_batch", "rng_scope"]
+__all__ = ["load_run", "resolve_model", "restart_params", "full_batch", "rng_scope"]
 
 
-def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu") -> FitResult:
+def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu", model=None, trust_model: bool = False, log_fn=None) -> FitResult:
     """Rebuild a completed fit from its run directory (a :class:`FitResult` passes through).
 
     Parameters
@@ -38,6 +38,13 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
         A run directory written by ``ppvi fit --out DIR`` / ``ppvi.fit(..., out=DIR)``.
     device : str or torch.device
         Where to put the data and parameters (default CPU, whatever the fit used).
+    model : str or path, optional
+        The model file of a run fitted on a user's file: a run directory is data, never code, so the
+        file config.json names is imported only once the user names it (see :func:`resolve_model`).
+    trust_model : bool
+        Import the model file config.json names (its path and sha256 go to ``log_fn``).
+    log_fn : callable, optional
+        Receives the note about a trusted model file (default: stderr).
 
     Returns
     -------
@@ -48,8 +55,9 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
     Raises
     ------
     UsageError
-        No such directory, no config.json or params.pt, a run that is not completed,
-        in-memory data that cannot be rebuilt, or a model file changed since the fit.
+        No such directory, no config.json or params.pt, a run file that ppvi did not write, a run that is
+        not completed, in-memory data that cannot be rebuilt, a model file not named by the user, or a
+        model file changed since the fit.
     """
     if isinstance(run, FitResult):
         if not run.restarts:
@@ -67,25 +75,14 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
         }.get(status, f"its status is {status!r}")
         raise UsageError(f"{run_dir}: the run is not completed: {why}.")
     device = torch.device(device)
-    try:
-        checkpoint = rundir.load_checkpoint(run_dir, map_location=device)
-    except Exception as error:  # truncated or foreign file: torch raises several types
-        raise UsageError(f"{run_dir / rundir.PARAMS}: unreadable ({type(error).__name__}: {str(error).splitlines()[0]}).") from None
+    checkpoint = rundir.load_checkpoint(run_dir, map_location=device)
     if checkpoint is None:
         raise UsageError(f"{run_dir}: incomplete run directory: no {rundir.PARAMS}.")
-    snapshots = checkpoint.get("restarts", [])
-    if len(snapshots) != config.get("restarts") or not all(snapshot.get("done") for snapshot in snapshots):
-        raise UsageError(f"{run_dir}: incomplete run directory: {rundir.PARAMS} holds {sum(bool(s.get('done')) for s in snapshots)} of {config.get('restarts')} finished restart(s).")
+    snapshots = checkpoint["restarts"]
+    if len(snapshots) != config.get("restarts") or not all(snapshot["done"] for snapshot in snapshots):
+        raise UsageError(f"{run_dir}: incomplete run directory: {rundir.PARAMS} holds {sum(bool(s['done']) for s in snapshots)} of {config.get('restarts')} finished restart(s).")
 
-    try:
-        model_file = load_model(config["model"])
-    except UsageError as error:
-        raise UsageError(f"{run_dir}: cannot load the run's model: {error}") from None
-    if model_file.sha256 != config.get("model_sha256"):
-        raise UsageError(
-            f"{run_dir}: the model file {model_file.path} changed since the fit (sha256 {model_file.sha256[:12]}..., "
-            f"config.json has {str(config.get('model_sha256'))[:12]}...); the saved parameters may not fit it any more: refit."
-        )
+    model_file = resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=log_fn)
     guide = config.get("guide")
     if guide not in model_file.guides:
         raise UsageError(f"{run_dir}: model {model_file.name!r} has no guide {guide!r} any more.")
