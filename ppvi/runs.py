@@ -167,7 +167,11 @@ def restart_params(result: FitResult, restart: int | RestartResult) -> Iterator[
         current = dict(store.named_parameters())
         missing = sorted(set(current) - set(chosen.unconstrained))
         if missing:
-            raise UsageError(f"restart {chosen.restart}: the saved parameters lack {', '.join(missing)}; the model or guide changed since the fit.")
+            where = f"{Path(result.run_dir) / rundir.PARAMS}: " if result.run_dir is not None else ""
+            raise UsageError(
+                f"{where}restart {chosen.restart}: the saved parameters lack {', '.join(missing)}; the file was saved by "
+                "another model or guide, or the model or guide changed since the fit."
+            )
         with torch.no_grad():
             for name, value in chosen.unconstrained.items():
                 if name in current:
