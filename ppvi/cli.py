@@ -179,7 +179,8 @@ def _gate_resume(run_dir: str, model: str | None, trust_model: bool) -> None:
     """A run directory is data, never code: import the model file it names only once the user names it (MODEL) or trusts it."""
     from . import rundir
 
-    config = rundir.read_config(run_dir)
+    config = rundir.read_config(run_dir, require=rundir.RESUME_KEYS)
+    rundir.load_checkpoint(run_dir)  # a damaged or foreign params.pt: refused before anything runs
     model_file = rundir.resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=console.print)
     named = str(config["model"])
     if model is not None and named.endswith(".py") and model_file.path != Path(named).resolve():
@@ -481,11 +482,11 @@ def _run_dir_argument(args: list[str]) -> str | None:
 def _interrupted(args: list[str]) -> int:
     run_dir = _run_dir_argument(args) if "fit" in args else None
     if run_dir is not None and (Path(run_dir) / "config.json").is_file():
-        console.print(f"interrupted; continue with `ppvi fit --resume {run_dir}`.")
+        console.print(f"interrupted; continue with `ppvi fit --resume {run_dir}`.", soft_wrap=True)
     elif run_dir is not None:
-        console.print(f"interrupted before anything was saved in {run_dir}; start the fit again.")
+        console.print(f"interrupted before anything was saved in {run_dir}; start the fit again.", soft_wrap=True)
     elif "fit" in args:
-        console.print("interrupted; continue with `ppvi fit --resume RUN_DIR` (the run directory printed above).")
+        console.print("interrupted; continue with `ppvi fit --resume RUN_DIR` (the run directory printed above).", soft_wrap=True)
     else:
         console.print("interrupted.")
     return 130

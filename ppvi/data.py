@@ -125,10 +125,14 @@ def check_points(values: torch.Tensor, *, name: str, min_rows: int = 2) -> torch
 def standardize(values: torch.Tensor, *, name: str = "data") -> torch.Tensor:
     """Centre each column and scale it to unit standard deviation (constant columns are only centred).
 
-    Computed in float64, so finite float32 values near the type's limit (3e38) do not overflow in the
-    sum of squares; a result that is still not finite raises a DataError naming ``name`` and the cause.
+    Computed in float64 on each column divided by its largest magnitude, so finite values near the
+    type's limit (3e38 in float32) do not overflow in the sum of squares; a result that is still not
+    finite (infinite input) raises a DataError naming ``name`` and the cause.
     """
     wide = values.double()
+    # (x - mean) / std is unchanged by dividing x by its largest magnitude first, and then no square can overflow
+    magnitude = wide.abs().amax(dim=0, keepdim=True)
+    wide = wide / torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
     scale = wide.std(dim=0, keepdim=True)
     result = (wide - wide.mean(dim=0, keepdim=True)) / torch.where(scale > 0, scale, torch.ones_like(scale))
     if not torch.isfinite(result).all():

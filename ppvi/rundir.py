@@ -16,10 +16,12 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
 import sys
+import warnings
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -68,22 +70,27 @@ def not_a_run_file(path: Path, why: str) -> UsageError:
     return UsageError(f"{path}: not a ppvi run file ({why}).")
 
 
-# config.json: the keys every reader needs, and the types of those it may hold
-CONFIG_REQUIRED = {"model": str, "guide": str}
+# config.json: the keys every reader needs, those --resume needs, and the types a fit writes
+_NUMBER, _INT, _TEXT, _DICT = (int, float), (int,), (str,), (dict,)
+CONFIG_REQUIRED = ("model", "guide")
+RESUME_KEYS = ("data", "options", "steps", "batch_size", "lr", "num_particles", "device", "seed", "restarts", "estimator_requested")
 CONFIG_TYPES = {
-    "model_sha256": str, "model_path": str, "status": str, "estimator": str, "data": str, "options": dict,
-    "estimator_settings": dict, "seed": int, "restarts": int, "num_data": int, "steps": int,
+    "model": _TEXT, "guide": _TEXT, "model_sha256": _TEXT, "model_path": _TEXT, "status": _TEXT, "estimator": _TEXT,
+    "estimator_requested": _TEXT, "data": _TEXT, "device": _TEXT, "options": _DICT, "estimator_settings": _DICT,
+    "seed": _INT, "restarts": _INT, "num_data": _INT, "steps": _INT, "epochs": _INT, "batch_size": _INT,
+    "num_particles": _INT, "checkpoint_every": _INT, "lr": _NUMBER, "lr_decay": _NUMBER,
 }
 
 
-def read_config(run_dir: Path) -> dict:
+def read_config(run_dir: Path, *, require: tuple = ()) -> dict:
     """config.json of a run directory, checked against its schema.
 
     Raises
     ------
     UsageError
         No folder or no config.json (nothing was saved: start the fit again), or a file that is not
-        a JSON object with the keys and types a fit writes ("RUN_DIR/config.json: not a ppvi run file (...)").
+        a JSON object with the keys and types a fit writes ("RUN_DIR/config.json: not a ppvi run file (...)");
+        ``require`` names further keys that must be present (:data:`RESUME_KEYS` for ``--resume``).
     """
     run_dir = Path(run_dir)
     path = run_dir / CONFIG
@@ -99,16 +106,18 @@ def read_config(run_dir: Path) -> dict:
         raise not_a_run_file(path, f"not JSON: {str(error)[:80]}") from None
     if not isinstance(payload, dict):
         raise not_a_run_file(path, f"a JSON {type(payload).__name__}, where a fit writes an object")
-    for key, kind in {**CONFIG_TYPES, **CONFIG_REQUIRED}.items():
+    for key in (*CONFIG_REQUIRED, *require):
         if key not in payload:
-            if key in CONFIG_REQUIRED:
-                raise not_a_run_file(path, f"no {key!r} key")
-            continue
-        value = payload[key]
+            raise not_a_run_file(path, f"no {key!r} key")
+    for key, kinds in CONFIG_TYPES.items():
+        value = payload.get(key)
         if value is None and key not in CONFIG_REQUIRED:
-            continue
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and key in CONFIG_REQUIRED and not value):
-            raise not_a_run_file(path, f"{key!r} is {json.dumps(value)[:40]}, where a fit writes a {kind.__name__}")
+            continue  # optional, or null where a fit writes null (epochs, batch_size)
+        if isinstance(value, bool) or not isinstance(value, kinds) or (kinds is _TEXT and key in CONFIG_REQUIRED and not value):
+            kind = {_NUMBER: "number", _INT: "integer", _TEXT: "non-empty string", _DICT: "object"}[kinds]
+            raise not_a_run_file(path, f"{key!r} is {json.dumps(value)[:40]}, where a fit writes a {kind}")
+        if kinds in (_NUMBER, _INT) and not math.isfinite(value):
+            raise not_a_run_file(path, f"{key!r} is {value}, where a fit writes a finite number")
     return payload
 
 
@@ -175,9 +184,11 @@ def load_checkpoint(run_dir: Path, map_location=None) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol draws a warning before the refusal
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Weights only" in str(error):
+        if "global" in str(error).lower():  # weights_only refused a class or function: code in the pickle
             raise UsageError(f"{path}: params.pt holds objects other than tensors; ppvi does not load it (a fit writes only tensors and numbers).") from None
         raise not_a_run_file(path, f"unreadable: {_first_line(error)}") from None
     except Exception as error:  # truncated or foreign file: torch raises RuntimeError, EOFError, zipfile and pickle errors
@@ -186,7 +197,9 @@ def load_checkpoint(run_dir: Path, map_location=None) -> dict | None:
     return state
 
 
-SNAPSHOT_TYPES = {"seed": int, "step": int, "done": bool, "unconstrained": dict, "params": dict}
+SNAPSHOT_TYPES = {
+    "seed": int, "step": int, "done": bool, "elapsed_s": (int, float), "unconstrained": dict, "params": dict, "optimizer": dict, "rng": dict,
+}
 
 
 def check_checkpoint(path: Path, state) -> None:
@@ -201,8 +214,9 @@ def check_checkpoint(path: Path, state) -> None:
         if not isinstance(snapshot, dict):
             raise not_a_run_file(path, f"restart {index} is a {type(snapshot).__name__}, not a dict")
         for key, kind in SNAPSHOT_TYPES.items():
-            if not isinstance(snapshot.get(key), kind) or (kind is int and isinstance(snapshot.get(key), bool)):
-                raise not_a_run_file(path, f"restart {index} has no {kind.__name__} {key!r}")
+            value = snapshot.get(key)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise not_a_run_file(path, f"restart {index} has no {key!r} of the type a fit writes")
         for key in ("unconstrained", "params"):
             for name, value in snapshot[key].items():
                 if not isinstance(name, str) or not isinstance(value, torch.Tensor):
