@@ -33,7 +33,7 @@ from .errors import UsageError
 
 __all__ = [
     "atomic_write", "write_json", "read_config", "write_trace", "read_trace", "save_checkpoint", "load_checkpoint",
-    "check_checkpoint", "params_finite", "plot_trace", "lock", "resolve_model", "not_a_run_file",
+    "check_checkpoint", "check_params_match", "params_finite", "plot_trace", "lock", "resolve_model", "not_a_run_file",
 ]
 
 CONFIG, TRACE, PARAMS, PLOT = "config.json", "elbo.csv", "params.pt", "elbo.png"
@@ -80,6 +80,12 @@ CONFIG_TYPES = {
     "seed": _INT, "restarts": _INT, "num_data": _INT, "steps": _INT, "epochs": _INT, "batch_size": _INT,
     "num_particles": _INT, "checkpoint_every": _INT, "lr": _NUMBER, "lr_decay": _NUMBER,
 }
+# [low, high): the seed seeds numpy too (below 2**32); counts are positive; rates positive (tiny is allowed)
+CONFIG_RANGES = {
+    "seed": (0, 2**32), "restarts": (1, math.inf), "num_data": (1, math.inf), "steps": (1, math.inf), "epochs": (1, math.inf),
+    "batch_size": (1, math.inf), "num_particles": (1, math.inf), "checkpoint_every": (1, math.inf),
+    "lr": (math.ulp(0.0), math.inf), "lr_decay": (math.ulp(0.0), math.inf),
+}
 
 
 def read_config(run_dir: Path, *, require: tuple = ()) -> dict:
@@ -116,8 +122,9 @@ def read_config(run_dir: Path, *, require: tuple = ()) -> dict:
         if isinstance(value, bool) or not isinstance(value, kinds) or (kinds is _TEXT and key in CONFIG_REQUIRED and not value):
             kind = {_NUMBER: "number", _INT: "integer", _TEXT: "non-empty string", _DICT: "object"}[kinds]
             raise not_a_run_file(path, f"{key!r} is {json.dumps(value)[:40]}, where a fit writes a {kind}")
-        if kinds in (_NUMBER, _INT) and not math.isfinite(value):
-            raise not_a_run_file(path, f"{key!r} is {value}, where a fit writes a finite number")
+        low, high = CONFIG_RANGES.get(key, (-math.inf, math.inf))
+        if kinds in (_NUMBER, _INT) and not ((isinstance(value, int) or math.isfinite(value)) and low <= value < high):
+            raise not_a_run_file(path, f"{key!r} is {value}, where a fit writes a finite number in [{low:g}, {high:g})")
     return payload
 
 
@@ -221,6 +228,26 @@ def check_checkpoint(path: Path, state) -> None:
             for name, value in snapshot[key].items():
                 if not isinstance(name, str) or not isinstance(value, torch.Tensor):
                     raise not_a_run_file(path, f"restart {index}: {key}[{str(name)[:30]!r}] is not a tensor")
+
+
+def check_params_match(path: Path, restart: int, saved: dict, current: dict) -> None:
+    """Raise a UsageError unless the saved unconstrained parameters fit the model and guide built now.
+
+    ``current`` is the param store's ``named_parameters()`` after one run of the guide (and model): every
+    one of them must be saved, with the same shape (saved names beyond them are created inside a loss).
+    """
+    missing = sorted(set(current) - set(saved))
+    if missing:
+        raise UsageError(
+            f"{path}: restart {restart}: the saved parameters lack {', '.join(missing[:5])}; the file was saved by "
+            "another model or guide, or the model or guide changed since the fit."
+        )
+    for name, value in current.items():
+        if tuple(saved[name].shape) != tuple(value.shape):
+            raise UsageError(
+                f"{path}: restart {restart}: parameter {name!r} has shape {tuple(saved[name].shape)} in the file but "
+                f"{tuple(value.shape)} in the guide now; the file was saved by another model, or the options or data changed since the fit."
+            )
 
 
 def params_finite(state) -> bool:

@@ -165,21 +165,11 @@ def restart_params(result: FitResult, restart: int | RestartResult) -> Iterator[
             guide_trace = poutine.trace(chosen.guide_fn).get_trace(batch, result.options)
             poutine.replay(chosen.model_fn, trace=guide_trace)(batch, result.options)
         current = dict(store.named_parameters())
-        missing = sorted(set(current) - set(chosen.unconstrained))
-        if missing:
-            where = f"{Path(result.run_dir) / rundir.PARAMS}: " if result.run_dir is not None else ""
-            raise UsageError(
-                f"{where}restart {chosen.restart}: the saved parameters lack {', '.join(missing)}; the file was saved by "
-                "another model or guide, or the model or guide changed since the fit."
-            )
+        where = Path(result.run_dir) / rundir.PARAMS if result.run_dir is not None else Path(rundir.PARAMS)
+        rundir.check_params_match(where, chosen.restart, chosen.unconstrained, current)
         with torch.no_grad():
             for name, value in chosen.unconstrained.items():
                 if name in current:
-                    if current[name].shape != value.shape:
-                        raise UsageError(
-                            f"restart {chosen.restart}: parameter {name!r} has shape {tuple(value.shape)} in the run but "
-                            f"{tuple(current[name].shape)} in the guide now; the options or data changed since the fit."
-                        )
                     current[name].copy_(value.to(current[name].device))
                 elif not name.startswith("__baseline"):  # created inside a loss: unconstrained == constrained
                     store[name] = value
