@@ -109,10 +109,10 @@ def test_other_commands_import_no_file_a_run_directory_names(cli, planted_run, c
     assert not (planted_run / "EXECUTED").exists()
 
 
-def test_model_named_by_the_user_is_loaded(user_run):
+def test_model_named_by_the_user_is_loaded(cli, user_run):
     run_dir, model_path = user_run
-    code, text = ppvi_cmd("diagnose", run_dir, "--num-samples", 20, "--model", model_path)
-    assert code == 0, text
+    result = cli("diagnose", run_dir, "--num-samples", 20, "--model", model_path)
+    assert result.code == 0, result.text
 
 
 def test_trust_model_prints_the_path_and_sha256(cli, user_run):
@@ -228,9 +228,9 @@ def test_params_pt_from_another_model_is_named(cli, gmm_run, user_run, tmp_path)
     assert_one_message(result.code, result.text, "params.pt", "another model or guide")
 
 
-def test_resume_of_a_folder_never_created_says_nothing_was_saved(tmp_path):
-    code, text = ppvi_cmd("fit", "--resume", tmp_path / "never-written")
-    assert_one_message(code, text, "nothing was saved", "start the fit again")
+def test_resume_of_a_folder_never_created_says_nothing_was_saved(cli, tmp_path):
+    result = cli("fit", "--resume", tmp_path / "never-written")
+    assert_one_message(result.code, result.text, "nothing was saved", "start the fit again")
 
 
 # --- one writer per run directory ----------------------------------------------------------------
@@ -322,10 +322,10 @@ def test_internal_error_says_where_to_report_and_how_to_see_the_traceback(cli, m
     assert "internal error" in result.err and "report" in result.err and "PPVI_DEBUG=1" in result.err
 
 
-def test_out_below_a_regular_file_exits_2_naming_the_path(tmp_path):
+def test_out_below_a_regular_file_exits_2_naming_the_path(cli, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    code, text = ppvi_cmd("fit", "normal_normal", "--steps", 3, "--device", "cpu", "--out", tmp_path / "file" / "run")
-    assert_one_message(code, text, str(tmp_path / "file"), "Not a directory")
+    result = cli("fit", "normal_normal", "--steps", 3, "--device", "cpu", "--out", tmp_path / "file" / "run")
+    assert_one_message(result.code, result.text, str(tmp_path / "file"), "Not a directory")
 
 
 def test_full_disk_during_a_fit_names_the_file_and_the_intact_checkpoint(cli, tmp_path, monkeypatch):
