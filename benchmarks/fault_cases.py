@@ -171,8 +171,8 @@ def bad_config_cases(rng: np.random.Generator, count: int) -> list:
         kind = ["bytes", "not an object", "drop", "value", "value", "value"][int(rng.integers(6))]
         key = CONFIG_KEYS[int(rng.integers(len(CONFIG_KEYS)))]
         value = WRONG_VALUES[int(rng.integers(len(WRONG_VALUES)))]
-        if kind == "value" and key == "lr" and value == 1.5:
-            value = -1  # 1.5 is a learning rate a fit may write
+        if kind == "value" and key == "lr" and value in (1.5, 2**70):
+            value = -1  # learning rates a fit may write
         if kind == "value" and key in ("status", "data", "options", "batch_size") and value in (None, {}):
             value = "text" if key != "options" else {"no_such_option": 1}  # null batch size / empty options are valid
         if kind == "drop" and key not in ("model", "guide", "seed", "restarts", "data", "options", "lr", "steps", "num_particles", "batch_size"):
