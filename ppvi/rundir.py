@@ -80,6 +80,7 @@ CONFIG_TYPES = {
     "seed": _INT, "restarts": _INT, "num_data": _INT, "steps": _INT, "epochs": _INT, "batch_size": _INT,
     "num_particles": _INT, "checkpoint_every": _INT, "lr": _NUMBER, "lr_decay": _NUMBER,
 }
+STATUSES = ("running", "completed", "diverged")
 # [low, high): the seed seeds numpy too (below 2**32); counts are positive; rates positive (tiny is allowed)
 CONFIG_RANGES = {
     "seed": (0, 2**32), "restarts": (1, math.inf), "num_data": (1, math.inf), "steps": (1, math.inf), "epochs": (1, math.inf),
@@ -122,6 +123,8 @@ def read_config(run_dir: Path, *, require: tuple = ()) -> dict:
         if isinstance(value, bool) or not isinstance(value, kinds) or (kinds is _TEXT and key in CONFIG_REQUIRED and not value):
             kind = {_NUMBER: "number", _INT: "integer", _TEXT: "non-empty string", _DICT: "object"}[kinds]
             raise not_a_run_file(path, f"{key!r} is {json.dumps(value)[:40]}, where a fit writes a {kind}")
+        if key == "status" and value not in STATUSES:
+            raise not_a_run_file(path, f"status {json.dumps(value)[:40]}; a fit writes one of {', '.join(STATUSES)}")
         low, high = CONFIG_RANGES.get(key, (-math.inf, math.inf))
         if kinds in (_NUMBER, _INT) and not ((isinstance(value, int) or math.isfinite(value)) and low <= value < high):
             raise not_a_run_file(path, f"{key!r} is {value}, where a fit writes a finite number in [{low:g}, {high:g})")
@@ -151,11 +154,10 @@ def read_trace(run_dir: Path) -> pd.DataFrame:
         raise not_a_run_file(path, f"no {', '.join(missing)} column; it has {', '.join(map(str, trace.columns[:6]))}")
     if trace.empty:
         raise not_a_run_file(path, "no rows")
-    for column in trace.columns:
-        if column in TRACE_COLUMNS or column in ("epoch", "time_s") or pd.api.types.is_numeric_dtype(trace[column]):
-            if not pd.api.types.is_numeric_dtype(trace[column]):
-                bad = trace[column][pd.to_numeric(trace[column], errors="coerce").isna()].iloc[0]
-                raise not_a_run_file(path, f"column {column!r} holds the text {str(bad)[:30]!r}, where a fit writes numbers")
+    for column in (*TRACE_COLUMNS, "epoch", "time_s"):
+        if column in trace.columns and not pd.api.types.is_numeric_dtype(trace[column]):
+            bad = trace[column][pd.to_numeric(trace[column], errors="coerce").isna()].iloc[0]
+            raise not_a_run_file(path, f"column {column!r} holds the text {str(bad)[:30]!r}, where a fit writes numbers")
     for column in ("restart", "step"):
         if not pd.api.types.is_integer_dtype(trace[column]):
             raise not_a_run_file(path, f"column {column!r} holds non-integers")
