@@ -425,7 +425,8 @@ def resolve_model(config: dict, run_dir: Path, *, model=None, trust: bool = Fals
         raise UsageError(
             f"{where} names the model file {chosen}; ppvi imports no Python file named by a run directory until you "
             f"name it (a run directory is data, never code). If you trust that file, name it: --model {chosen} "
-            f"(or add --trust-model to load the file config.json names; sha256 {digest})."
+            f"(to resume: ppvi fit {chosen} --resume {run_dir}), or add --trust-model to load the file config.json "
+            f"names (sha256 {digest})."
         )
     if model is None:
         (log_fn or _to_stderr)(f"trusting the model file {chosen.resolve()} (sha256 {digest}), named by {where}")
