@@ -180,7 +180,8 @@ def _gate_resume(run_dir: str, model: str | None, trust_model: bool) -> None:
     from . import rundir
 
     config = rundir.read_config(run_dir, require=rundir.RESUME_KEYS)
-    rundir.load_checkpoint(run_dir)  # a damaged or foreign params.pt: refused before anything runs
+    if rundir.load_checkpoint(run_dir) is None and config.get("status") == "completed":  # also refuses a damaged params.pt
+        raise UsageError(f"--resume {run_dir}: the run is {config['status']} but its {rundir.PARAMS} is missing; there is nothing to continue: start a new run.")
     model_file = rundir.resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=console.print)
     named = str(config["model"])
     if model is not None and named.endswith(".py") and model_file.path != Path(named).resolve():

@@ -232,6 +232,16 @@ def test_resume_of_a_folder_never_created_says_nothing_was_saved(cli, tmp_path):
     assert_one_message(result.code, result.text, "nothing was saved", "start the fit again")
 
 
+def test_resume_of_a_completed_run_without_params_pt_is_refused(cli, gmm_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(gmm_run[0], run_dir)
+    (run_dir / "params.pt").unlink()
+    before = folder_state(run_dir)
+    result = cli("fit", "--resume", run_dir)
+    assert_one_message(result.code, result.text, "params.pt is missing", "start a new run")
+    assert folder_state(run_dir) == before
+
+
 # --- one writer per run directory ----------------------------------------------------------------
 
 HOLD = "import sys, time; from ppvi import rundir\nwith rundir.lock(sys.argv[1], takeover=True):\n    print('held', flush=True); time.sleep(60)"
