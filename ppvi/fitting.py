@@ -27,9 +27,10 @@ from .config import FitConfig
 from .distributed import LocalComm
 from .errors import TrainingDiverged, UsageError
 from .estimators import EstimatorSettings, choose_estimator, inspect_sites, make_estimator
-from .gallery import ModelFile, load_model
+from .gallery import ModelFile, gallery_dir, load_model
 from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
 from .results import FitResult, RestartResult
+from .runs import resolve_model
 from .version import __version__
 
 __all__ = ["fit", "resume", "train", "resolve_device", "FitConfig", "FitResult", "RestartResult", "ElboBuffer", "SYNC_EVERY"]
@@ -72,19 +73,19 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     batches = Batches(next(iter(tensors.values())).shape[0], config.batch_size, config.seed, device)
     total_steps = config.steps if config.steps is not None else config.epochs * batches.steps_per_epoch()
     job = FitJob(model_file, config, estimator_settings, options, tensors, batches, total_steps, device,
-                 record=_record(model, model_file, config, options, source, batches, total_steps, device),
+                 record=_record(model_file, config, options, source, batches, total_steps, device),
                  writer=RunWriter(out, resume=resume, device=device, checkpoint_every=config.checkpoint_every),
                  log_fn=log_fn or (lambda message: None))
-    with fit_scope(), _progress(progress) as bar:
+    with fit_scope(), job.writer.opened(), _progress(progress) as bar:
         restarts = [_fit_restart(job, restart, bar) for restart in range(config.restarts)]
-    result = FitResult(
-        params=None, elbo_trace=pd.concat([r.elbo_trace for r in restarts], ignore_index=True),
-        estimator=job.record["estimator"], estimator_reason=job.record["estimator_reason"], device=device, seed=config.seed,
-        config=job.record, restarts=restarts, model_file=model_file, options=options, data=tensors,
-        run_dir=Path(out) if out is not None else None,
-    )
-    job.record.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restarts])
-    job.writer.finish(job.record, f"{model_file.name} / {guide} / {result.estimator}")
+        result = FitResult(
+            params=None, elbo_trace=pd.concat([r.elbo_trace for r in restarts], ignore_index=True),
+            estimator=job.record["estimator"], estimator_reason=job.record["estimator_reason"], device=device, seed=config.seed,
+            config=job.record, restarts=restarts, model_file=model_file, options=options, data=tensors,
+            run_dir=Path(out) if out is not None else None,
+        )
+        job.record.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restarts])
+        job.writer.finish(job.record, f"{model_file.name} / {guide} / {result.estimator}")
     return result
 
 
@@ -313,10 +314,10 @@ def _settings_differ(old: dict, config: FitConfig) -> list[str]:
     return config.differences(before)
 
 
-def _record(model, model_file, config: FitConfig, options, source, batches: Batches, total_steps: int, device: torch.device) -> dict:
+def _record(model_file, config: FitConfig, options, source, batches: Batches, total_steps: int, device: torch.device) -> dict:
     """config.json: the settings (to rerun) and what they resolved to (to read)."""
     return {
-        "model": model_file.name if Path(str(model)).suffix != ".py" else str(model_file.path),
+        "model": model_file.name if model_file.path.parent == gallery_dir() else str(model_file.path),
         "model_path": str(model_file.path),
         "model_sha256": model_file.sha256,
         "settings": config.to_dict(),
@@ -350,15 +351,22 @@ def _progress(enabled: bool):
     )
 
 
-def resume(run_dir: str | Path, *, progress: bool = False, log_fn=None) -> FitResult:
-    """Continue an interrupted run from its last checkpoint, with the settings in its config.json."""
-    config = rundir.read_config(run_dir)
+def resume(run_dir: str | Path, *, model=None, trust_model: bool = False, progress: bool = False, log_fn=None) -> FitResult:
+    """Continue an interrupted run from its last checkpoint, with the settings in its config.json.
+
+    A run directory is data, never code: a model *file* it names is imported only when the caller names
+    it (``model``) or trusts it (``trust_model``); see :func:`ppvi.runs.resolve_model`.
+    """
+    config = rundir.read_config(run_dir, require=rundir.RESUME_KEYS)
+    if config.get("status") == "completed" and rundir.load_checkpoint(run_dir) is None:
+        raise UsageError(f"--resume {run_dir}: the run is completed but its {rundir.PARAMS} is missing; there is nothing to continue: start a new run.")
     data = None if config.get("data") == "built-in" else config.get("data")
     if data == "in-memory":
         raise UsageError(f"{run_dir}: the run was fitted on in-memory data; call ppvi.fit(..., data=..., out=..., resume=True).")
+    model_file = resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=log_fn)
     settings = config.get("settings")
     settings = FitConfig.from_dict(settings).to_dict() if isinstance(settings, dict) else FitConfig.legacy(config)
     settings["device"] = str(settings.get("device", "auto")).split(":")[0]
     guide = settings.pop("guide")
-    return fit(config["model"], guide, data=data, options=config.get("options"), out=run_dir, resume=True,
+    return fit(model_file, guide, data=data, options=config.get("options"), out=run_dir, resume=True,
                progress=progress, log_fn=log_fn, **settings)
