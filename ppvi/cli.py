@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from . import distributed
 from .errors import TrainingDiverged, UsageError
 
 console = Console(stderr=True, highlight=False, markup=False)  # messages hold paths and [brackets], not markup
@@ -26,7 +27,7 @@ output = Console(highlight=False, markup=False)
 FIT_VALUE_OPTIONS = {
     "--guide", "--estimator", "--data", "--steps", "--epochs", "--batch-size", "--lr",
     "--lr-decay", "--num-particles", "--device", "--seed", "--restarts", "--out", "--resume", "--checkpoint-every",
-    "--baseline", "--temperature", "--anneal-rate", "--min-temperature",
+    "--baseline", "--temperature", "--anneal-rate", "--min-temperature", "--nproc",
 }
 
 
@@ -136,10 +137,16 @@ class FitCommand(click.Command):
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the interrupted run in this directory.")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (default: about every 10 s).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--nproc", type=int, help="Data-parallel worker processes on this machine (starts torchrun; default 1).")
 @click.pass_context
-def fit_command(ctx, model, guide, estimator, baseline, temperature, anneal_rate, min_temperature, straight_through, data, steps, epochs, batch_size, lr, lr_decay, num_particles, device, seed, restarts, out, resume, checkpoint_every, progress, **model_options):
+def fit_command(ctx, model, guide, estimator, baseline, temperature, anneal_rate, min_temperature, straight_through, data, steps, epochs, batch_size, lr, lr_decay, num_particles, device, seed, restarts, out, resume, checkpoint_every, progress, nproc, **model_options):
     """Fit MODEL (a gallery name or a path to a .py file); `ppvi fit MODEL --help` lists its options."""
     from .fit import fit, resume as resume_run
+
+    if nproc is not None and not distributed.is_launched():  # start the workers, each runs this command without --nproc
+        ctx.exit(distributed.launch(nproc, _without_nproc((ctx.find_root().obj or {}).get("argv") or sys.argv[1:])))
+    if nproc is not None and nproc != int(os.environ["WORLD_SIZE"]):
+        raise UsageError(f"--nproc {nproc} under torchrun with {os.environ['WORLD_SIZE']} processes: give one or the other.")
 
     progress = sys.stderr.isatty() if progress is None else progress
     started = time.perf_counter()
@@ -162,6 +169,8 @@ def fit_command(ctx, model, guide, estimator, baseline, temperature, anneal_rate
             out=out, checkpoint_every=checkpoint_every, progress=progress, log_fn=console.print,
         )
     seconds = time.perf_counter() - started
+    if distributed.env_rank() != 0:
+        return
     num_data = result.config["num_data"]
     finals = ", ".join(f"{r.final_elbo:.4g} ({r.final_elbo / num_data:.4g} per point)" for r in result.restarts)
     output.print(f"final ELBO (median of last 10% of steps): {finals}   [{result.device}, {seconds:.1f} s]")
@@ -378,28 +387,60 @@ def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_
         output.print(f"wrote {Path(out) / 'gradvar.csv'} and gradvar.png")
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg == "--nproc":
+            skip = not skip
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _rank_scope() -> None:
+    """Under torchrun: rank 0 alone talks, before the process group (every rank refuses bad input the
+    same way); after it, a failing rank's message names the rank (``rank 1: error: ...``)."""
+    if not distributed.is_launched():
+        return
+    rank = distributed.env_rank()
+    connected = distributed.dist.is_initialized()
+    console.quiet = rank != 0 and not connected
+    if connected and not getattr(console, "_ppvi_ranked", False):
+        original = console.print
+        console.print = lambda text="", *args, **kwargs: original(f"rank {rank}: {text}", *args, **kwargs)
+        console._ppvi_ranked = True
+
+
 def main(argv=None) -> int:
     """Entry point of the console script; returns the exit code."""
     debug = bool(os.environ.get("PPVI_DEBUG"))
+    if distributed.env_rank() != 0:
+        console.quiet = output.quiet = True
     try:
-        code = cli.main(args=argv, prog_name="ppvi", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="ppvi", standalone_mode=False, obj={"argv": argv})
         return code if isinstance(code, int) else 0
     except click.exceptions.Exit as stop:
         return stop.exit_code
     except click.ClickException as error:
-        error.show()
+        if distributed.env_rank() == 0:
+            error.show()
         return 2 if error.exit_code in (1, 2) else error.exit_code
+    except distributed.PeerLost:  # another rank failed and says why; torchrun stops this one
+        if debug:
+            raise
+        return 1
     except click.exceptions.Abort:
         console.print("aborted.")
         return 1
     except UsageError as error:
         if debug:
             raise
+        _rank_scope()
         # Pyro appends a table of trace shapes to errors raised inside a model or guide: keep the message
         message = re.split(r"\n\s*Trace Shapes:", str(error))[0].rstrip()
         console.print(f"error: {message}", soft_wrap=True)
         return 2
-    except TrainingDiverged as error:
+    except TrainingDiverged as error:  # every rank sees the same all-reduced ELBO: rank 0 says it
         if debug:
             raise
         console.print(f"error: training diverged: {error}", soft_wrap=True)
@@ -410,6 +451,7 @@ def main(argv=None) -> int:
     except Exception as error:  # an internal failure: say so plainly, traceback on request
         if debug:
             raise
+        _rank_scope()
         console.print(f"internal error: {type(error).__name__}: {error}\n(set PPVI_DEBUG=1 for the traceback)", soft_wrap=True)
         return 1
 

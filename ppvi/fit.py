@@ -22,7 +22,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from . import rundir
+from . import distributed, rundir
 from .data import Batch
 from .errors import TrainingDiverged, UsageError
 from .estimators import ESTIMATORS, Estimator, EstimatorSettings, choose_estimator, inspect_sites, make_estimator
@@ -393,7 +393,7 @@ def fit(
             steps = DEFAULT_STEPS
     if not isinstance(seed, int) or seed < 0:
         raise UsageError(f"--seed must be a non-negative integer (got {seed!r}).")
-    torch_device = resolve_device(device)
+    torch_device = distributed.local_device(resolve_device(device))  # [dist] cuda:LOCAL_RANK under torchrun
     options = model_file.make_options(options)
 
     source, data_tensors = load_data_tensors(model_file, data, options, torch_device)
@@ -409,11 +409,15 @@ def fit(
         if resume:
             previous = rundir.load_checkpoint(run_dir, map_location=torch_device)
             for leftover in run_dir.glob(".*.tmp"):  # a write cut short by a kill
-                leftover.unlink()
+                leftover.unlink(missing_ok=True)  # [dist] every rank runs this
         elif run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"--out {run_dir}: the folder exists and is not empty; choose a new folder or continue it with --resume {run_dir}.")
     elif resume:
         raise UsageError("--resume needs the run directory to continue.")
+    # [dist] refuse what cannot run at this world size, on every rank, then join the process group
+    distributed.check_world_size(batch_size, num_data, rundir.read_config(run_dir).get("world_size", 1) if previous else None)
+    comm = distributed.connect(torch_device)
+    writes = run_dir is not None and comm.is_writer
 
     config = {
         "model": model_file.name if Path(str(model)).suffix != ".py" else str(model_file.path),
@@ -436,6 +440,7 @@ def fit(
         "seed": seed,
         "restarts": restarts,
         "checkpoint_every": checkpoint_every,
+        "world_size": comm.world_size,
         "versions": _versions(),
     }
 
@@ -474,7 +479,7 @@ def fit(
                         sites=[dataclasses.asdict(site) for site in sites],
                         status="running",
                     )
-                    if run_dir is not None:
+                    if writes:
                         if previous is not None:
                             _check_resumable(run_dir, config)
                         run_dir.mkdir(parents=True, exist_ok=True)
@@ -482,6 +487,7 @@ def fit(
 
                 pyro.set_rng_seed(restart_seed)
                 store = pyro.get_param_store()
+                comm.broadcast_([value for _, value in store.named_parameters()])  # [dist] rank 0's initial values
                 # fused Adam keeps its step counters on the GPU: the default implementation syncs per parameter per step
                 optimizer = torch.optim.Adam(list(_trainable(store).values()), lr=lr, fused=torch_device.type == "cuda")
                 start, elapsed = 0, 0.0
@@ -494,7 +500,7 @@ def fit(
 
                 def checkpoint(step: int, elapsed_now: float, done: bool) -> None:
                     snapshots[restart] = _snapshot(store, optimizer, step, elapsed_now, restart_seed, torch_device, done)
-                    if run_dir is not None:
+                    if writes:
                         rundir.write_trace(run_dir, pd.concat(traces, ignore_index=True))
                         rundir.save_checkpoint(run_dir, {"format": 1, "restarts": [s for s in snapshots if s is not None]})
 
@@ -503,12 +509,12 @@ def fit(
             try:
                 with _device_scope(torch_device) if scoped else contextlib.nullcontext():
                     elapsed = _train(
-                        chosen, options, data_tensors, batches, store, optimizer, traces, restart,
+                        chosen, options, data_tensors, batches, store, optimizer, traces, restart, comm,
                         start, total_steps, elapsed, checkpoint, checkpoint_every, (lr, lr_decay),
                         lambda step, elbo: bar.update(task, completed=step, elbo=f"{elbo:.4g}"),
                     )
             except TrainingDiverged as error:
-                if run_dir is not None:
+                if writes:
                     rundir.write_trace(run_dir, pd.concat(traces, ignore_index=True))  # the finite steps before it
                     rundir.write_json(run_dir / rundir.CONFIG, {**config, "status": "diverged", "error": str(error)})
                     kept = snapshots[restart]
@@ -543,7 +549,8 @@ def fit(
         run_dir=run_dir,
     )
     config.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restart_results])
-    if run_dir is not None:
+    distributed.disconnect()  # [dist]
+    if writes:
         rundir.write_json(run_dir / rundir.CONFIG, config)
         rundir.plot_trace(run_dir, trace, f"{model_file.name} / {guide} / {chosen.name}")
     return result
@@ -568,7 +575,7 @@ def _check_resumable(run_dir: Path, config: dict) -> None:
             raise UsageError(f"--resume {run_dir}: {key} differs from the interrupted run ({old.get(key)!r} there, {config.get(key)!r} now).")
 
 
-def _train(estimator, options, data, batches, store, optimizer, traces, restart, start, total_steps, elapsed, checkpoint_fn, checkpoint_every, schedule, report_fn) -> float:
+def _train(estimator, options, data, batches, store, optimizer, traces, restart, comm, start, total_steps, elapsed, checkpoint_fn, checkpoint_every, schedule, report_fn) -> float:
     """Run steps ``[start, total_steps)``; the ELBO goes to a device buffer read back every SYNC_EVERY steps."""
     device = batches.full.device
     buffer = torch.empty(SYNC_EVERY, device=device)
@@ -586,7 +593,7 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
             return
         count = len(pending_steps)
         both = buffer[:count] if objectives is None else torch.stack([buffer[:count], objectives[:count]])
-        both = both.double().cpu()  # the one host-device sync per SYNC_EVERY steps
+        both = comm.mean(both).double().cpu()  # [dist] global ELBO; the one host-device sync per SYNC_EVERY steps
         values = both if objectives is None else both[0]
         bad = (~torch.isfinite(values)).nonzero()
         keep = int(bad[0]) if len(bad) else len(pending_steps)
@@ -615,7 +622,7 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
 
     with pyro.validation_enabled(False):
         for step in range(start, total_steps):
-            batch = _batch(data, batches.index(step), batches.num_data, batches.batch_size is None)
+            batch = _batch(data, comm.shard(batches.index(step)), batches.num_data, batches.batch_size is None and comm.world_size == 1)  # [dist]
             try:
                 elbo, loss = estimator.loss(batch, options, step=step)
                 loss.backward()
@@ -628,11 +635,13 @@ def _train(estimator, options, data, batches, store, optimizer, traces, restart,
                 seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
                 new = [p for p in _trainable(store).values() if id(p) not in seen]
                 if new:  # (a decaying-average baseline is state, not a parameter: no group for it)
+                    comm.broadcast_(new)  # [dist] lazily created (the neural baseline): rank 0's values
                     optimizer.add_param_group({"params": new})
                 known = len(store.keys())
             if schedule[1] != 1.0:  # a function of the step alone, so resuming needs no scheduler state
                 for group in optimizer.param_groups:
                     group["lr"] = schedule[0] * schedule[1] ** (step / total_steps)
+            comm.average_gradients_([p for group in optimizer.param_groups for p in group["params"]])  # [dist]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             buffer[len(pending_steps)] = elbo
