@@ -223,11 +223,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "ppvi", *argv)
     except ChildFailedError as error:
-        failures = sorted(error.failures.items(), key=lambda item: item[1].timestamp)
-        codes = {failure.exitcode for _, failure in failures}
-        if codes == {2}:
-            return 2
+        # the root cause: not a rank the agent stopped (SIGTERM) after the first failure, then the earliest
+        failures = sorted(error.failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp))
         rank, failure = failures[0]
+        if failure.exitcode == 2:
+            return 2
         if failure.exitcode < 0:
             try:
                 cause = f"killed by {signal.Signals(-failure.exitcode).name}"
