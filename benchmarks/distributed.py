@@ -46,17 +46,18 @@ sys.path.insert(0, str(REPO))
 import ppvi  # noqa: E402
 from ppvi.images import load_mnist, write_idx  # noqa: E402
 
-MNIST = Path(os.environ.get("PPVI_MNIST", REPO.parent / "shared" / "data" / "mnist"))
+MNIST = Path(os.environ.get("PPVI_MNIST", REPO.parent / "shared" / "data" / "mnist"))  # a worktree: PPVI_MNIST=/work/shared/data/mnist
 NUM_TRAIN, BATCH = 8000, 128
 STEPS_PER_EPOCH = -(-NUM_TRAIN // BATCH)
 
 
-def make_split(folder: Path) -> torch.Tensor:
+def make_split(folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
     images, labels = load_mnist(MNIST, "test")
     raw = (images * 255).round().to(torch.uint8)
     write_idx(folder / "train-images-idx3-ubyte", raw[:NUM_TRAIN])
     write_idx(folder / "train-labels-idx1-ubyte", labels[:NUM_TRAIN].to(torch.uint8))
-    return images.reshape(images.shape[0], -1)[NUM_TRAIN:]
+    return {"x": images.reshape(images.shape[0], -1)[NUM_TRAIN:], "labels": labels[NUM_TRAIN:]}
 
 
 def run(nproc: int, data: Path, out: Path, epochs: int, device: str, threads: int) -> dict:
