@@ -17,6 +17,14 @@ latents). The weighted sum ``sum_r (b_r / B) L_r = (N / B) S + G`` is the
 one-process loss of the global batch, for any split of ``B``; with equal shards
 the weights are ``1 / W``, a plain mean. Gradients and the ELBO are summed with
 these weights in one all-reduce each.
+
+Randomness: every rank seeds Pyro with the fit's seed, so the global latents are drawn
+identically on every rank and equal the one-process draws (the gradient is then exactly the
+one-process gradient, up to float summation order). Local latents are drawn per shard from that
+same stream, so position j of every rank's shard gets the same noise: unbiased, but correlated
+across ranks. Decaying-average score baselines stay per rank (each averages its own shard's cost;
+a baseline only has to be independent of the current draw to keep the gradient unbiased); the
+neural baseline's networks are parameters: broadcast when created, gradients averaged.
 """
 
 from __future__ import annotations
@@ -167,7 +175,10 @@ def check_world_size(batch_size: int | None, num_data: int, previous_world_size:
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if is_launched() else 1
     points = batch_size or num_data
     if points < world_size:
-        raise UsageError(f"{world_size} processes need at least {world_size} points per step; the batch has {points} (raise --batch-size or use fewer processes).")
+        raise UsageError(
+            f"{world_size} processes need at least {world_size} points per step; the batch has {points} "
+            "(raise --batch-size or use fewer processes)."
+        )
     if previous_world_size is not None and int(previous_world_size) != world_size:
         raise UsageError(
             f"--resume: the run was started with {previous_world_size} process(es) and is resumed with {world_size}; "

@@ -76,7 +76,7 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     distributed.check_world_size(batches.batch_size, batches.num_data, rundir.read_config(out).get("world_size", 1) if resume else None)
     comm = distributed.connect(device)
     job = FitJob(model_file, config, estimator_settings, options, tensors, batches, total_steps, device,
-                 record={**_record(model, model_file, config, options, source, batches, total_steps, device), "world_size": comm.world_size},
+                 record=_record(model, model_file, config, options, source, batches, total_steps, device) | {"world_size": comm.world_size},
                  writer=writer, log_fn=log_fn or (lambda message: None), comm=comm)
     with fit_scope(), _progress(progress) as bar:
         restarts = [_fit_restart(job, restart, bar) for restart in range(config.restarts)]

@@ -78,7 +78,8 @@ def test_hooks_in_a_one_rank_gloo_group(tmp_path):
     try:
         comm = DistComm(0, 1, torch.device("cpu"))
         comm.shard(torch.arange(10))
-        a, b, c = torch.ones(2, 3, requires_grad=True), torch.zeros(4, requires_grad=True), torch.ones(1, dtype=torch.float64, requires_grad=True)
+        a, b = torch.ones(2, 3, requires_grad=True), torch.zeros(4, requires_grad=True)
+        c = torch.ones(1, dtype=torch.float64, requires_grad=True)
         (a.sum() * 2 + (c * 3).sum()).backward()  # b gets no gradient
         comm.average_gradients_([a, b, c])
         assert torch.equal(a.grad, torch.full((2, 3), 2.0)) and torch.equal(b.grad, torch.zeros(4)) and c.grad.item() == 3.0
