@@ -67,7 +67,9 @@ class RunWriter:
 
         A folder this fit created and left empty (the fit failed before its first write) is removed.
         """
-        if self.run_dir is None or not self.writer:
+        if self.run_dir is None or not self.writer:  # another rank of a data-parallel fit: reads only
+            if self.run_dir is not None and self.resume:
+                self._load_previous()
             yield self
             return
         created = not self.run_dir.exists()
@@ -87,7 +89,7 @@ class RunWriter:
             raise UsageError(f"--resume {self.run_dir}: nothing was saved there (no {rundir.CONFIG}); the fit stopped before its first write: start it again.")
         previous = rundir.load_checkpoint(self.run_dir, map_location=self.device)
         for leftover in self.run_dir.glob(".*.tmp"):  # a write cut short by a kill
-            leftover.unlink()
+            leftover.unlink(missing_ok=True)  # every rank of a data-parallel fit runs this
         self.snapshots = list(previous["restarts"]) if previous else []
         old = rundir.read_trace(self.run_dir) if self.snapshots and (self.run_dir / rundir.TRACE).exists() else None
         for restart, snapshot in enumerate(self.snapshots):  # drop rows logged after the last checkpoint

@@ -20,6 +20,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from . import distributed
 from .errors import TrainingDiverged, UsageError
 
 console = Console(stderr=True, highlight=False, markup=False)  # messages hold paths and [brackets], not markup
@@ -152,7 +153,7 @@ def _fit_value_options() -> set:
 
     hints = typing.get_type_hints(FitConfig)
     flags = {"--" + item.name.replace("_", "-") for item in dataclasses.fields(FitConfig) if hints[item.name] not in (bool, bool | None)}
-    return flags | {"--data", "--out", "--resume"}
+    return flags | {"--data", "--out", "--resume", "--nproc"}
 
 
 @cli.command("fit", cls=FitCommand)
@@ -163,11 +164,17 @@ def _fit_value_options() -> set:
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the interrupted run in this directory.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--trust-model", is_flag=True, help="With --resume: import the model file the run's config.json names (prints its path and sha256).")
+@click.option("--nproc", type=int, help="Data-parallel worker processes on this machine (starts torchrun; default 1).")
 @click.pass_context
-def fit_command(ctx, model, data, out, resume, progress, trust_model, **options):
+def fit_command(ctx, model, data, out, resume, progress, trust_model, nproc, **options):
     """Fit MODEL (a gallery name or a path to a .py file); `ppvi fit MODEL --help` lists its options."""
     from .config import FitConfig
     from .fitting import fit, resume as resume_run
+
+    if nproc is not None and not distributed.is_launched():  # start the workers, each runs this command without --nproc
+        ctx.exit(distributed.launch(nproc, _without_nproc((ctx.find_root().obj or {}).get("argv") or sys.argv[1:])))
+    if nproc is not None and nproc != int(os.environ["WORLD_SIZE"]):
+        raise UsageError(f"--nproc {nproc} under torchrun with {os.environ['WORLD_SIZE']} processes: give one or the other.")
 
     settings = {name: options.pop(name) for name in [item.name for item in dataclasses.fields(FitConfig)] if name in options}
     model_options = options
@@ -188,6 +195,8 @@ def fit_command(ctx, model, data, out, resume, progress, trust_model, **options)
                 out = out.with_name(out.name + "_")
         result = fit(model, guide, data=data, options=model_options, out=out, progress=progress, log_fn=console.print, **settings)
     seconds = time.perf_counter() - started
+    if distributed.env_rank() != 0:
+        return
     num_data = result.config["num_data"]
     finals = ", ".join(f"{r.final_elbo:.4g} ({r.final_elbo / num_data:.4g} per point)" for r in result.restarts)
     output.print(f"final ELBO (median of last 10% of steps): {finals}   [{result.device}, {seconds:.1f} s]")
@@ -420,6 +429,30 @@ def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_
 REPORT_TO = "the ppvi issue tracker (with the command you ran and the traceback)"
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg == "--nproc":
+            skip = not skip
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _rank_scope() -> None:
+    """Under torchrun: rank 0 alone talks, before the process group (every rank refuses bad input the
+    same way); after it, a failing rank's message names the rank (``rank 1: error: ...``)."""
+    if not distributed.is_launched():
+        return
+    rank = distributed.env_rank()
+    connected = distributed.dist.is_initialized()
+    console.quiet = rank != 0 and not connected
+    if connected and not getattr(console, "_ppvi_ranked", False):
+        original = console.print
+        console.print = lambda text="", *args, **kwargs: original(f"rank {rank}: {text}", *args, **kwargs)
+        console._ppvi_ranked = True
+
+
 def main(argv=None) -> int:
     """Entry point of the console script; returns the exit code.
 
@@ -429,14 +462,21 @@ def main(argv=None) -> int:
     """
     debug = bool(os.environ.get("PPVI_DEBUG"))
     args = sys.argv[1:] if argv is None else list(argv)
+    if distributed.env_rank() != 0:
+        console.quiet = output.quiet = True
     try:
-        code = cli.main(args=args, prog_name="ppvi", standalone_mode=False)
+        code = cli.main(args=args, prog_name="ppvi", standalone_mode=False, obj={"argv": args})
         return code if isinstance(code, int) else 0
     except click.exceptions.Exit as stop:
         return stop.exit_code
     except click.ClickException as error:
-        error.show()
+        if distributed.env_rank() == 0:
+            error.show()
         return 2 if error.exit_code in (1, 2) else error.exit_code
+    except distributed.PeerLost:  # another rank failed and says why; torchrun stops this one
+        if debug:
+            raise
+        return 1
     except click.exceptions.Abort as stop:  # click turns Ctrl-C into Abort (its cause) outside standalone mode
         if isinstance(stop.__cause__, KeyboardInterrupt):
             return _interrupted(args)
@@ -447,11 +487,12 @@ def main(argv=None) -> int:
     except UsageError as error:
         if debug:
             raise
+        _rank_scope()
         # Pyro appends a table of trace shapes to errors raised inside a model or guide: keep the message
         message = re.split(r"\n\s*Trace Shapes:", str(error))[0].rstrip()
         console.print(f"error: {message}", soft_wrap=True)
         return 2
-    except TrainingDiverged as error:
+    except TrainingDiverged as error:  # every rank sees the same all-reduced ELBO: rank 0 says it
         if debug:
             raise
         console.print(f"error: training diverged: {error}", soft_wrap=True)
@@ -464,6 +505,7 @@ def main(argv=None) -> int:
     except Exception as error:  # an internal failure: say so plainly, traceback on request
         if debug:
             raise
+        _rank_scope()
         console.print(
             f"internal error: {type(error).__name__}: {error}\nThis is a bug in ppvi: please report it to {REPORT_TO}; "
             "set PPVI_DEBUG=1 to see the traceback.",
