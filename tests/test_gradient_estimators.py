@@ -438,3 +438,11 @@ def test_gradvar_catvae_writes_csv_and_plot(cli, tmp_path):
     assert {"score:none", "score:neural", "gumbel"} <= set(table["estimator"])
     assert (table["num_draws"] == 5).all()
     assert (out / "gradvar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_gradvar_refuses_a_batch_size_that_is_not_positive(cli, size):
+    result = cli("gradvar", "normal_normal", "--estimator", "reparam", "--num-draws", 3, "--batch-size", size)
+    assert result.code == 2, result.text
+    assert "--batch-size must be a positive integer" in result.err
+    assert "Traceback" not in result.text

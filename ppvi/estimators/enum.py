@@ -49,7 +49,7 @@ def cannot_enumerate(sites) -> str:
     if discrete:
         parts.append(f"discrete site(s) {names(discrete)} cannot be enumerated (more than {ENUM_MAX_SUPPORT} values or no finite support)")
     if continuous:
-        parts.append(f"continuous site(s) {names(continuous)} are not reparameterizable (their distributions have no rsample)")
+        parts.append(f"continuous site(s) {names(continuous)} have no rsample, so no pathwise gradient")
     return "; ".join(parts)
 
 
