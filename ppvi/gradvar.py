@@ -33,7 +33,7 @@ from .errors import UsageError
 from .estimators import BASELINES, EstimatorSettings, build, feasible_estimators, probe, spec
 from .pyro_util import is_baseline_state, positive, rng_scope
 
-__all__ = ["gradient_variance", "parse_estimator", "plot_gradient_variance", "DEFAULT_ESTIMATORS"]
+__all__ = ["DEFAULT_ESTIMATORS", "gradient_variance", "parse_estimator", "plot_gradient_variance"]
 
 DEFAULT_ESTIMATORS = ("reparam", "score:none", "score:average", "score:neural", "enum", "gumbel", "iwae")
 
@@ -62,7 +62,7 @@ def _targets(store) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
     """Yield (model_fn, guide_fn, batch, options, label) with the parameters in the param store."""
-    from .fit import _Batches, _batch, _instantiate, load_data_tensors, resolve_device
+    from .fit import _batch, _Batches, _instantiate, load_data_tensors, resolve_device
     from .gallery import load_model
     from .runs import load_run, restart_params
 
@@ -75,7 +75,7 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
             batches = _Batches(num_data, batch_size, seed, next(iter(result.data.values())).device)
             batch = _batch(result.data, batches.index(0), num_data, batches.batch_size is None)
             stream = _Batches(num_data, batch_size, seed + 1, batch.index.device)
-            sample = lambda step: _batch(result.data, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
+            sample = lambda step: _batch(result.data, stream.index(step), num_data, stream.batch_size is None)
             yield chosen.model_fn, chosen.guide_fn, batch, result.options, f"{run} (restart {chosen.restart})", sample
         return
     model_file = load_model(model)
@@ -97,7 +97,7 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
         batch = _batch(tensors, batches.index(0), num_data, batches.batch_size is None)
         probe(model_fn, guide_fn, batch, options)  # creates the parameters, seeded
         stream = _Batches(num_data, batch_size, seed + 1, torch_device)
-        sample = lambda step: _batch(tensors, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
+        sample = lambda step: _batch(tensors, stream.index(step), num_data, stream.batch_size is None)
         yield model_fn, guide_fn, batch, options, f"{model_file.name}/{guide} at its initial parameters (seed {seed})", sample
 
 
@@ -168,7 +168,7 @@ def _reset(store, start: dict) -> None:
         for name, value in store.named_parameters():
             if name in start:
                 value.copy_(start[name])
-    for name in [n for n in store.keys() if is_baseline_state(n) and n not in start]:
+    for name in [n for n in store if is_baseline_state(n) and n not in start]:
         del store[name]
 
 

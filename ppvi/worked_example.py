@@ -24,7 +24,7 @@ from torch.distributions import Normal
 
 from .pyro_util import finite, positive
 
-__all__ = ["worked_example", "format_table", "plot_worked_example", "score_variance", "pathwise_variance"]
+__all__ = ["format_table", "pathwise_variance", "plot_worked_example", "score_variance", "worked_example"]
 
 ESTIMATORS = ("score", "pathwise")
 _CHUNK_ELEMENTS = 2**20  # samples held at once, over all repetitions: bounds memory whatever N is

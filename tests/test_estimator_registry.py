@@ -12,8 +12,18 @@ import torch
 import ppvi
 from ppvi.data import Batch
 from ppvi.estimators import (
-    DISCRETE, ESTIMATORS, NOT_REPARAMETERIZABLE, REPARAMETERIZABLE, build, choose_estimator, discover, probe, registered,
-    spec, specs, unregister,
+    DISCRETE,
+    ESTIMATORS,
+    NOT_REPARAMETERIZABLE,
+    REPARAMETERIZABLE,
+    build,
+    choose_estimator,
+    discover,
+    probe,
+    registered,
+    spec,
+    specs,
+    unregister,
 )
 
 TOY = '''

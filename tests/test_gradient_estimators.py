@@ -19,7 +19,6 @@ false-alarm rate of each test is stated next to it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 

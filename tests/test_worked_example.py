@@ -14,7 +14,6 @@ import torch
 from numpy.polynomial.hermite_e import hermegauss
 
 import ppvi
-
 from ppvi.worked_example import format_table, pathwise_variance, plot_worked_example, score_variance, worked_example
 
 THETA = 2.0

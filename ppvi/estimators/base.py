@@ -10,8 +10,9 @@ is an (init, update) pair; ``can_infer_discrete`` plays the part of NumPyro's fl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -23,9 +24,22 @@ from ..errors import UsageError
 from ..pyro_util import unwrap
 
 __all__ = [
-    "BASELINES", "ENUM_MAX_SUPPORT", "DISCRETE", "REPARAMETERIZABLE", "NOT_REPARAMETERIZABLE",
-    "Site", "PairInfo", "EstimatorSettings", "Estimator", "EstimatorSpec",
-    "baseline_features", "baseline_words", "names", "latent_sample", "log_prob_sum", "never",
+    "BASELINES",
+    "DISCRETE",
+    "ENUM_MAX_SUPPORT",
+    "NOT_REPARAMETERIZABLE",
+    "REPARAMETERIZABLE",
+    "Estimator",
+    "EstimatorSettings",
+    "EstimatorSpec",
+    "PairInfo",
+    "Site",
+    "baseline_features",
+    "baseline_words",
+    "latent_sample",
+    "log_prob_sum",
+    "names",
+    "never",
 ]
 
 BASELINES = ("none", "average", "neural")

@@ -8,7 +8,7 @@ guide's own ``infer={"enumerate": ...}`` at a site is kept as written.
 
 from __future__ import annotations
 
-import pyro.poutine as poutine
+from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
 from .base import ENUM_MAX_SUPPORT, Estimator, EstimatorSpec, PairInfo, names

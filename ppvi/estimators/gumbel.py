@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample

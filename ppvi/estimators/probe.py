@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ..pyro_util import data_plate, support_size, trace_pair, unwrap
 from .base import DISCRETE, NOT_REPARAMETERIZABLE, REPARAMETERIZABLE, PairInfo, Site, baseline_features, latent_sample
 
-__all__ = ["probe", "inspect_sites"]
+__all__ = ["inspect_sites", "probe"]
 
 _INFER_KEYS = ("baseline", "enumerate")
 
@@ -69,7 +69,7 @@ def _local_plate(model_trace, guide_trace, data_plate_name: str | None) -> tuple
 def _mean_field(guide_fn, args) -> bool:
     try:  # provenance tracking does not cover every guide: then assume it is not mean-field
         dependencies = pyro.infer.inspect.get_dependencies(guide_fn, args)["prior_dependencies"]
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure of provenance tracking means "not known to be mean-field"
         return False
     return all(set(upstream) <= {name} for name, upstream in dependencies.items())
 

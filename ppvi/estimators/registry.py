@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Callable, Iterator
 
 from ..errors import UsageError
 from .base import Estimator, EstimatorSettings, EstimatorSpec, PairInfo, Site

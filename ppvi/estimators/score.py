@@ -15,8 +15,8 @@ from __future__ import annotations
 import inspect
 
 import pyro
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
 from pyro.poutine.messenger import Messenger
 from torch import nn
@@ -25,7 +25,7 @@ from .base import Estimator, EstimatorSpec, PairInfo, baseline_features, baselin
 from .enum import cannot_enumerate
 from .reparam import model_only_problem
 
-__all__ = ["ESTIMATOR", "ScoreFunction", "BASELINE_HIDDEN", "BASELINE_UNIT"]
+__all__ = ["BASELINE_HIDDEN", "BASELINE_UNIT", "ESTIMATOR", "ScoreFunction"]
 
 BASELINE_HIDDEN = 100  # units of the neural baseline's hidden layer (NVIL used 100 tanh units)
 # The network's output is in units of BASELINE_UNIT nats per data point (as a 10x learning rate on its
