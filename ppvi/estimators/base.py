@@ -137,7 +137,11 @@ class EstimatorSettings:
     GUMBEL_FIELDS = ("temperature", "anneal_rate", "min_temperature", "straight_through")
 
     def check(self, requested: str) -> None:
-        """Refuse settings that are invalid, or that cannot apply to the requested estimator."""
+        """Refuse an unknown estimator, settings that are invalid, or that cannot apply to the requested estimator."""
+        from .registry import spec  # the registry reads this module: imported when first needed
+
+        if requested != "auto":
+            spec(requested)
         if self.baseline is not None and self.baseline not in BASELINES:
             raise UsageError(f"unknown baseline {self.baseline!r}; choose one of: {', '.join(BASELINES)}.")
         for name in ("temperature", "min_temperature"):

@@ -141,9 +141,7 @@ def choose_estimator(requested: str, sites_or_info, settings: EstimatorSettings 
     """
     settings = settings or EstimatorSettings()
     info = _info(sites_or_info)
-    if requested != "auto":
-        spec(requested)
-    settings.check(requested)
+    settings.check(requested)  # refuses an unknown name first
     if requested == "auto":
         chosen = _auto(info)
     else:
