@@ -26,8 +26,9 @@ import contextlib
 from pathlib import Path
 
 import pandas as pd
-import pyro
 import torch
+
+import pyro
 
 from .errors import UsageError
 from .estimators import BASELINES, EstimatorSettings, build, feasible_estimators, probe, spec
@@ -42,7 +43,8 @@ def parse_estimator(text: str) -> tuple[str, EstimatorSettings]:
     """``score:neural`` -> ("score", baseline="neural"); ``gumbel`` -> ("gumbel", defaults)."""
     name, _, option = text.partition(":")
     if name == "auto":
-        raise UsageError(f"gradvar measures named estimators, not 'auto'; choose from: {', '.join(DEFAULT_ESTIMATORS)} (score:none|average|neural).")
+        choices = ", ".join(DEFAULT_ESTIMATORS)
+        raise UsageError(f"gradvar measures named estimators, not 'auto'; choose from: {choices} (score:none|average|neural).")
     spec(name)  # refuses an unknown name, listing the registered ones
     if option and name != "score":
         raise UsageError(f"{text!r}: only score takes an option (score:none, score:average, score:neural).")
@@ -63,8 +65,8 @@ def _targets(store) -> dict[str, torch.Tensor]:
 def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
     """Yield (model_fn, guide_fn, batch, options, label) with the parameters in the param store."""
     from .batching import Batches, batch_at, load_data_tensors
-    from .pyro_util import resolve_device
     from .gallery import load_model
+    from .pyro_util import resolve_device
     from .runs import load_run, restart_params
 
     if run is not None:
@@ -226,7 +228,8 @@ def gradient_variance(
     requested = [parse_estimator(text) + (text,) for text in (estimators or DEFAULT_ESTIMATORS)]
     log_fn = log_fn or (lambda message: None)
     frames = []
-    with rng_scope(), _setup(model, guide, data, options, run, restart, batch_size, seed, device) as (model_fn, guide_fn, batch, options_value, label, sample):
+    setup = _setup(model, guide, data, options, run, restart, batch_size, seed, device)
+    with rng_scope(), setup as (model_fn, guide_fn, batch, options_value, label, sample):
         log_fn(f"gradients at {label}, a fixed batch of {len(batch.index)} points, {num_draws} draws per estimator")
         with pyro.validation_enabled(True):
             info = probe(model_fn, guide_fn, batch, options_value)

@@ -4,10 +4,11 @@ import importlib.util
 import sys
 import textwrap
 
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+
+import pyro
+import pyro.distributions as dist
 
 import ppvi
 from ppvi.data import Batch

@@ -8,10 +8,11 @@ Beta(alpha_q, beta_q) without rsample (the tutorial's non-reparameterized Beta, 
 import json
 import math
 
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+
+import pyro
+import pyro.distributions as dist
 
 import ppvi
 from ppvi.data import Batch
@@ -77,7 +78,8 @@ def test_auto_scores_a_continuous_site_without_rsample_and_says_so(coin):
 
 
 def test_reparam_on_the_coin_names_the_kind(coin):
-    with pytest.raises(ppvi.UsageError, match=r"'latent_fairness' \(Beta: continuous, not reparameterizable\) have no reparameterized sampler"):
+    words = r"'latent_fairness' \(Beta: continuous, not reparameterizable\) have no reparameterized sampler"
+    with pytest.raises(ppvi.UsageError, match=words):
         ppvi.fit(coin, estimator="reparam", steps=2, progress=False)
 
 

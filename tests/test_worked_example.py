@@ -188,7 +188,14 @@ def test_autograd_gradients_equal_the_closed_forms_on_the_same_draws(monkeypatch
             torch.testing.assert_close(estimates, closed_form(z).mean(dim=1))
 
 
-@pytest.mark.parametrize("kwargs, words", [({"repetitions": 1}, "--repetitions must be >= 2"), ({"sizes": (10, 0)}, "--sizes must be a positive integer"), ({"theta": float("inf")}, "--theta must be a finite number")])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"repetitions": 1}, "--repetitions must be >= 2"),
+        ({"sizes": (10, 0)}, "--sizes must be a positive integer"),
+        ({"theta": float("inf")}, "--theta must be a finite number"),
+    ],
+)
 def test_bad_arguments_are_usage_errors(kwargs, words):
     with pytest.raises(ppvi.UsageError, match=words):
         worked_example(**kwargs)

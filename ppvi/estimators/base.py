@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import pyro
 import torch
+
+import pyro
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceGraph_ELBO
 from pyro.poutine.util import site_is_subsample
@@ -163,10 +164,13 @@ class EstimatorSettings:
         if estimator == "auto":
             return
         if self.baseline is not None and estimator != "score":
-            raise UsageError(f"--baseline applies to the score-function estimator only; the estimator here is {estimator!r} (use --estimator score).")
+            raise UsageError(
+                f"--baseline applies to the score-function estimator only; the estimator here is {estimator!r} (use --estimator score)."
+            )
         given = [f"--{name.replace('_', '-')}" for name in self.GUMBEL_FIELDS if getattr(self, name) is not None]
         if given and estimator != "gumbel":
-            raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --estimator gumbel only; the estimator here is {estimator!r}.")
+            verb = "apply" if len(given) > 1 else "applies"
+            raise UsageError(f"{', '.join(given)} {verb} to --estimator gumbel only; the estimator here is {estimator!r}.")
 
     def resolved(self, total_steps: int | None = None) -> dict:
         """The values in effect (defaults filled in; the default anneal rate needs the fit's length)."""

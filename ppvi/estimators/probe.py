@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pyro
 import torch
+
+import pyro
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
@@ -20,7 +21,8 @@ _INFER_KEYS = ("baseline", "enumerate")
 def _describe_setting(value) -> str:
     """The guide's infer value in words (a baseline dict may hold a network: named by its type)."""
     if isinstance(value, dict):
-        parts = [f"{k}={v!r}" if isinstance(v, (bool, int, float, str, type(None))) else f"{k}=<{type(v).__name__}>" for k, v in value.items()]
+        plain = (bool, int, float, str, type(None))
+        parts = [f"{k}={v!r}" if isinstance(v, plain) else f"{k}=<{type(v).__name__}>" for k, v in value.items()]
         return "{" + ", ".join(parts) + "}"
     return repr(value)
 
@@ -100,7 +102,8 @@ def probe(model_fn: Callable, guide_fn: Callable, *args) -> PairInfo:
     guide_latent = [(n, m) for n, m in guide_trace.nodes.items() if latent_sample(m)]
     sites = [_site(n, m, "guide", model_trace.nodes.get(n)) for n, m in guide_latent]
     sites += [_site(n, m, "model", None) for n, m in model_trace.nodes.items() if latent_sample(m) and n not in guide_trace.nodes]
-    depth = max((len(m["cond_indep_stack"]) for t in (guide_trace, model_trace) for m in t.nodes.values() if m["type"] == "sample"), default=0)
+    samples = [m for t in (guide_trace, model_trace) for m in t.nodes.values() if m["type"] == "sample"]
+    depth = max((len(m["cond_indep_stack"]) for m in samples), default=0)
     num_data = getattr(args[0], "num_data", None) if args else None
     plate = data_plate(model_trace, num_data) if isinstance(num_data, int) else None
     local, subsampled = _local_plate(model_trace, guide_trace, plate)

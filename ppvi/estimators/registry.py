@@ -155,7 +155,7 @@ def choose_estimator(requested: str, sites_or_info, settings: EstimatorSettings 
     return chosen.name, chosen.reason(info, settings, requested == "auto") + notes
 
 
-def _build(name: str, reason: str, info: PairInfo, model_fn: Callable, guide_fn: Callable, settings, num_particles, vectorize_particles, total_steps) -> Estimator:
+def _build(name: str, reason: str, info: PairInfo, model_fn, guide_fn, settings, num_particles, vectorize_particles, total_steps):
     chosen = spec(name)
     options = chosen.options(settings, total_steps)
     estimator = chosen.build(

@@ -38,7 +38,9 @@ def reason(info: PairInfo, settings, auto: bool) -> str:
 def build(info: PairInfo, model_fn, guide_fn, *, reason: str, options: dict, num_particles: int, vectorize_particles: bool) -> Estimator:
     common = {"num_particles": num_particles, "vectorize_particles": vectorize_particles, "max_plate_nesting": info.plate_depth}
     if info.analytic_kl:
-        reason += "; analytic KL where registered (ppvi's MeanFieldELBO: TraceMeanField_ELBO's estimator, log densities at observed sites only)"
+        reason += (
+            "; analytic KL where registered (ppvi's MeanFieldELBO: TraceMeanField_ELBO's estimator, log densities at observed sites only)"
+        )
         return Estimator("reparam", reason, MeanFieldELBO(**common), model_fn, guide_fn)
     return Estimator("reparam", reason + " (Trace_ELBO)", Trace_ELBO(**common), model_fn, guide_fn)
 

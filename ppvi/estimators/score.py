@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import inspect
 
-import pyro
 import torch
+from torch import nn
+
+import pyro
 from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
 from pyro.poutine.messenger import Messenger
-from torch import nn
 
 from .base import Estimator, EstimatorSpec, PairInfo, baseline_features, baseline_words, names
 from .enum import cannot_enumerate
