@@ -32,7 +32,7 @@ import pyro
 
 from .errors import UsageError
 from .estimators import BASELINES, EstimatorSettings, build, feasible_estimators, probe, spec
-from .pyro_util import is_baseline_state, positive, rng_scope
+from .pyro_util import finite, is_baseline_state, positive, rng_scope
 
 __all__ = ["DEFAULT_ESTIMATORS", "gradient_variance", "parse_estimator", "plot_gradient_variance"]
 
@@ -164,6 +164,21 @@ def _warmup(estimator, sample, options, steps: int, lr: float) -> None:
         estimator.baselines.baseline_beta = 1.0  # average_new = 0 * cost + 1 * average_old: frozen
 
 
+def _measure(name: str, settings, text: str, pair, *, num_particles: int, num_draws: int, warmup: int, warmup_lr: float):
+    """One estimator's table: built for the probed pair, its baseline warmed up, then ``num_draws`` gradients."""
+    info, model_fn, guide_fn, batch, options, sample = pair
+    particles = num_particles if name != "iwae" or num_particles > 1 else 5
+    with pyro.validation_enabled(False):
+        estimator = build(name, info, model_fn, guide_fn, batch, options, settings=settings,
+                          num_particles=particles, vectorize_particles=particles > 1 and name == "iwae")
+        if name == "score" and settings.resolved()["baseline"] != "none" and warmup:
+            _warmup(estimator, sample, options, warmup, warmup_lr)
+        frame = _draws(estimator, batch, options, _targets(pyro.get_param_store()), num_draws)
+    frame.insert(0, "estimator", text if name != "iwae" else f"iwae (K={particles})")
+    frame["num_draws"] = num_draws
+    return frame
+
+
 def _reset(store, start: dict) -> None:
     """Every estimator starts from the same parameters and no baseline state."""
     with torch.no_grad():
@@ -218,8 +233,7 @@ def gradient_variance(
     """
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
         raise UsageError(f"--num-draws must be an integer of at least 2 (got {num_draws!r}).")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise UsageError(f"--warmup must be a non-negative integer (got {warmup!r}).")
+    finite("warmup", warmup, kind=int, low=0)
     positive("num-particles", num_particles)
     positive("batch-size", batch_size)  # 0 would otherwise mean "the default size"
     if (model is None) == (run is None):
@@ -234,25 +248,17 @@ def gradient_variance(
         with pyro.validation_enabled(True):
             info = probe(model_fn, guide_fn, batch, options_value)
         works = feasible_estimators(info)
-        store = pyro.get_param_store()
-        start = {name: value.detach().clone() for name, value in store.named_parameters()}
+        start = {name: value.detach().clone() for name, value in pyro.get_param_store().named_parameters()}
         for name, settings, text in requested:
             if name not in works and not explicit:
                 continue
             if name == "gumbel" and temperature is not None:
                 settings = EstimatorSettings(temperature=temperature, anneal_rate=0.0, min_temperature=temperature)
-            particles = num_particles if name != "iwae" or num_particles > 1 else 5
-            _reset(store, start)
+            _reset(pyro.get_param_store(), start)
             pyro.set_rng_seed(seed)
-            with pyro.validation_enabled(False):
-                estimator = build(name, info, model_fn, guide_fn, batch, options_value, settings=settings,
-                                  num_particles=particles, vectorize_particles=particles > 1 and name == "iwae")
-                if name == "score" and settings.resolved()["baseline"] != "none" and warmup:
-                    _warmup(estimator, sample, options_value, warmup, warmup_lr)
-                frame = _draws(estimator, batch, options_value, _targets(store), num_draws)
-            frame.insert(0, "estimator", text if name != "iwae" else f"iwae (K={particles})")
-            frame["num_draws"] = num_draws
-            frames.append(frame)
+            pair = (info, model_fn, guide_fn, batch, options_value, sample)
+            frames.append(_measure(name, settings, text, pair, num_particles=num_particles, num_draws=num_draws,
+                                   warmup=warmup, warmup_lr=warmup_lr))
             log_fn(f"  {text}: done")
     if not frames:
         raise UsageError("none of the requested estimators can fit this model/guide pair.")
