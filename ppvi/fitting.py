@@ -125,12 +125,13 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
             job.log_fn(f"estimator: {estimator.name} ({estimator.reason})")
             job.record.update(estimator=estimator.name, estimator_reason=estimator.reason, sites=sites,
                               estimator_options=estimator.options)
-            job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
         pyro.set_rng_seed(seed)  # training draws the same numbers however much the set-up drew
         store = pyro.get_param_store()
         job.comm.broadcast_([value for _, value in store.named_parameters()])  # every rank starts from rank 0's values
         optimizer = _optimizer(store, config, job.device)
-        start, elapsed, trace = job.writer.restore(restart, store, optimizer)
+        start, elapsed, trace = job.writer.restore(restart, store, optimizer)  # refuses parameters that do not fit the pair
+        if restart == 0:  # every check passed: only now does the run directory change
+            job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
         scoped = loop_needs_device_scope(model_fn, guide_fn, first, job.options, device=job.device)
         label = f"{job.model_file.name}/{config.guide}" + (f" restart {restart}" if config.restarts > 1 else "")
         task = bar.add_task(label, total=job.total_steps, completed=start, elbo="...")
