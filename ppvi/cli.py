@@ -208,7 +208,7 @@ def compare_command(run_dirs, out, smooth):
 
 @cli.command("diagnose")
 @click.argument("run_dir", type=click.Path())
-@click.option("--num-samples", type=int, default=1000, show_default=True, help="Guide draws per restart.")
+@click.option("--num-samples", type=int, help="Guide draws per restart (default: 16,000 pooled over the restarts, at least 1,000 each; fewer for large data).")
 @click.option("--reference", help="Also run a reference sampler and compare: nuts (small models only).")
 @click.option("--nuts-samples", type=int, default=1000, show_default=True, help="NUTS draws (after half as many warm-up steps, at least 200).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of NUTS).")

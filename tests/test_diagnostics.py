@@ -257,7 +257,7 @@ def test_nuts_reference_agrees_with_the_closed_form(normal_run):
 
 
 def test_nuts_is_refused_for_models_too_large(normal_run, monkeypatch):
-    monkeypatch.setattr(diagnostics, "MAX_NUTS_DATA", 10)
+    monkeypatch.setattr(diagnostics.nuts, "MAX_NUTS_DATA", 10)  # the limits live in ppvi.diagnostics.nuts
     with pytest.raises(ppvi.UsageError, match="50 points"):
         diagnose(normal_run, num_samples=10, reference="nuts", write=False)
 
@@ -325,7 +325,7 @@ def test_diagnose_refuses_a_changed_model_file(cli, tmp_path):
 
 
 def test_diagnose_refuses_nuts_for_a_model_too_large(cli, cli_run, monkeypatch):
-    monkeypatch.setattr(diagnostics, "MAX_NUTS_LATENT_DIM", 0)
+    monkeypatch.setattr(diagnostics.nuts, "MAX_NUTS_LATENT_DIM", 0)
     _assert_refused(cli("diagnose", cli_run, "--reference", "nuts"), "latent dimensions")
 
 

@@ -1,0 +1,93 @@
+"""PSIS k-hat of the importance ratios p(x, z) / q(z) (Yao, Vehtari, Simpson & Gelman 2018).
+
+The verdict rests on one PSIS fit to the ratios of every draw of every restart pooled together
+(each draw weighed against its own restart's q); the per-restart k-hats are reported beside it as
+a range. Pooling gives the tail fit restarts x draws ratios: k-hat's seed-to-seed spread shrinks,
+and one restart's noisy tail no longer decides the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .arviz_util import az, quiet
+
+__all__ = ["KHAT_GOOD", "KHAT_USABLE", "MIN_PSIS_DRAWS", "VERDICT_TEXT", "PsisReport", "khat_verdict", "psis_diagnostics", "trusted"]
+
+KHAT_GOOD, KHAT_USABLE = 0.5, 0.7  # Yao et al. (2018), section 3
+MIN_PSIS_DRAWS = 100  # per restart: below this the Pareto fit of the tail (3 sqrt(S) draws) is mostly noise
+CONSTANT_LOG_RATIO = 1e-6  # log ratios spread less than this: p/q is constant up to rounding (q is exact)
+
+
+@dataclass(frozen=True)
+class PsisReport:
+    """Pareto k-hat of the importance ratios p(x, z) / q(z): pooled over restarts (the verdict) and per restart."""
+
+    khat: tuple  # one per restart
+    khat_pooled: float  # one PSIS fit to every draw of every restart: decides the verdict
+    verdict: str  # good | usable with care | unreliable | not applicable | not computed
+    note: str
+    log_weights: np.ndarray | None = field(default=None, repr=False)  # pooled smoothed normalised log weights, (chain, draw)
+
+    @property
+    def khat_mean(self) -> float:
+        return float(np.mean(self.khat)) if self.khat else math.nan
+
+    @property
+    def khat_max(self) -> float:
+        return float(np.max(self.khat)) if self.khat else math.nan
+
+    @property
+    def khat_range(self) -> tuple[float, float]:
+        return (float(np.min(self.khat)), float(np.max(self.khat))) if self.khat else (math.nan, math.nan)
+
+
+def khat_verdict(khat: float) -> str:
+    """Yao et al. (2018): below 0.5 good, 0.5 to 0.7 usable with care, above 0.7 (or undefined) unreliable."""
+    if np.isnan(khat) or khat > KHAT_USABLE:
+        return "unreliable"
+    return "good" if khat < KHAT_GOOD else "usable with care"
+
+
+def trusted(report: PsisReport | None) -> bool:
+    """Whether k-hat says the PSIS-corrected estimates can be trusted (good or usable with care)."""
+    return report is not None and report.log_weights is not None and report.verdict in ("good", "usable with care")
+
+
+VERDICT_TEXT = {
+    "good": "good (k-hat < 0.5): importance sampling from the guide is reliable, so the PSIS-corrected estimates can be trusted "
+    "(k-hat cannot see a guide that is too wide: compare psis_mean with mean)",
+    "usable with care": "usable with care (0.5 <= k-hat <= 0.7): PSIS-corrected estimates are usable, but converge slowly",
+    "unreliable": "unreliable (k-hat > 0.7): the guide misses posterior mass; neither its estimates nor their PSIS correction can be trusted",
+}
+
+
+def _psis(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
+    """Smoothed normalised log weights and k-hat; constant ratios (an exact q) have bounded weights, k-hat -inf."""
+    if np.ptp(log_ratios) < CONSTANT_LOG_RATIO:
+        return np.full(log_ratios.shape, -math.log(log_ratios.size)), -math.inf
+    with quiet():
+        smoothed, khat = az.psislw(log_ratios.copy(), reff=1.0)
+    return np.asarray(smoothed), float(khat)
+
+
+def psis_diagnostics(idata) -> PsisReport:
+    """PSIS on the log importance ratios ``log_p - log_q`` in ``sample_stats`` (reff = 1: the draws are independent)."""
+    log_ratios = (idata.sample_stats["log_p"] - idata.sample_stats["log_q"]).transpose("chain", "draw").values.astype(np.float64)
+    chains, draws = log_ratios.shape
+    point_sites = idata.posterior.attrs.get("ppvi_point_estimate_sites", "")
+    if point_sites:
+        note = f"not applicable: the guide is a point estimate at {point_sites} (no density q to weigh p against)"
+        return PsisReport((), math.nan, "not applicable", note)
+    if draws < MIN_PSIS_DRAWS:
+        note = f"not computed: k-hat needs at least {MIN_PSIS_DRAWS} draws per restart (--num-samples; got {draws})"
+        return PsisReport((), math.nan, "not computed", note)
+    if not np.all(np.isfinite(log_ratios)):
+        return PsisReport((math.inf,) * chains, math.inf, "unreliable", "some draws have a non-finite log p(x, z) - log q(z)")
+    per_chain = tuple(_psis(log_ratios[chain])[1] for chain in range(chains))
+    smoothed, pooled = _psis(log_ratios.reshape(-1))
+    verdict = khat_verdict(pooled)
+    return PsisReport(per_chain, pooled, verdict, VERDICT_TEXT[verdict], smoothed.reshape(chains, draws))
