@@ -50,7 +50,7 @@ def _corrected_loo(idata, name: str) -> tuple[float, float, float]:
 
 
 def _why_not(idata, names: list) -> str | None:
-    point_sites = idata.posterior.attrs.get("ppvi_point_estimate_sites", "")
+    point_sites = idata.sample_stats.attrs.get("ppvi_point_estimate_sites", "")
     if point_sites:
         return f"not applicable: the guide is a point estimate at {point_sites}, so there are no posterior draws to leave one out of"
     if idata.sample_stats.sizes["draw"] < MIN_PSIS_DRAWS:

@@ -19,7 +19,10 @@ __all__ = ["KHAT_GOOD", "KHAT_USABLE", "MIN_PSIS_DRAWS", "VERDICT_TEXT", "PsisRe
 
 KHAT_GOOD, KHAT_USABLE = 0.5, 0.7  # Yao et al. (2018), section 3
 MIN_PSIS_DRAWS = 100  # per restart: below this the Pareto fit of the tail (3 sqrt(S) draws) is mostly noise
-CONSTANT_LOG_RATIO = 1e-6  # log ratios spread less than this: p/q is constant up to rounding (q is exact)
+# Log ratios spread less than this: the weights agree within 0.1%, i.e. p/q is constant up to float32 rounding
+# of log p (q is exact). ArviZ's Pareto fit to such a tail of rounding noise returns k = inf; the ratios are
+# bounded, so k-hat is reported as -inf (no tail) and the weights are uniform.
+CONSTANT_LOG_RATIO = 1e-3
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def psis_diagnostics(idata) -> PsisReport:
     """PSIS on the log importance ratios ``log_p - log_q`` in ``sample_stats`` (reff = 1: the draws are independent)."""
     log_ratios = (idata.sample_stats["log_p"] - idata.sample_stats["log_q"]).transpose("chain", "draw").values.astype(np.float64)
     chains, draws = log_ratios.shape
-    point_sites = idata.posterior.attrs.get("ppvi_point_estimate_sites", "")
+    point_sites = idata.sample_stats.attrs.get("ppvi_point_estimate_sites", "")
     if point_sites:
         note = f"not applicable: the guide is a point estimate at {point_sites} (no density q to weigh p against)"
         return PsisReport((), math.nan, "not applicable", note)

@@ -79,7 +79,7 @@ class Diagnosis:
             "num_samples": self.num_samples,
             "seed": self.seed,
             "restarts": self.num_restarts,
-            "marginalized_sites": [s for s in self.idata.posterior.attrs.get("ppvi_marginalized", "").split(", ") if s],
+            "marginalized_sites": [s for s in self.idata.sample_stats.attrs.get("ppvi_marginalized", "").split(", ") if s],
             "left_out_sites": list(self.left_out),
             "psis": _psis_json(self.psis),
             "rhat": {
@@ -230,7 +230,7 @@ def _table(frame: pd.DataFrame, file: str) -> list[str]:
 
 def _summary_lines(diagnosis: Diagnosis) -> list[str]:
     lines = []
-    marginalized = diagnosis.idata.posterior.attrs.get("ppvi_marginalized", "")
+    marginalized = diagnosis.idata.sample_stats.attrs.get("ppvi_marginalized", "")
     if marginalized:
         lines.append(f"summed out exactly (not in the posterior table): {marginalized}")
     if diagnosis.left_out:

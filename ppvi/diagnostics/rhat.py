@@ -47,7 +47,7 @@ def restart_agreement(idata) -> RestartAgreement:
     empty = pd.Series(dtype=float)
     if chains < 2:
         return RestartAgreement(empty, empty, (), "one restart: R-hat across restarts needs 2 or more (--restarts)")
-    if not idata.posterior.data_vars:
+    if "posterior" not in idata.groups() or not idata.posterior.data_vars:
         return RestartAgreement(empty, empty, (), "no global latent sites in the posterior table to compare")
     with quiet():
         rhat = _flatten(az.rhat(idata))

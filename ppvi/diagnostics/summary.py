@@ -17,7 +17,7 @@ def summarize(idata, psis: PsisReport | None = None) -> pd.DataFrame:
     The column is there only where k-hat's verdict says the correction can be trusted (good or
     usable with care); an empty posterior (every latent site local and left out) gives an empty table.
     """
-    if not idata.posterior.data_vars:
+    if "posterior" not in idata.groups() or not idata.posterior.data_vars:
         return pd.DataFrame()
     stat_funcs = None
     if trusted(psis):
