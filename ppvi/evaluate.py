@@ -30,6 +30,18 @@ batch of points the model is run once and every observed value it produced is he
 (``poutine.condition``) for all K samples: the estimates are of log p(x) for one binarization of
 each image, drawn with ``seed``.
 
+Default K
+---------
+``DEFAULT_IWAE_K`` = 100 (``ppvi evaluate`` / ``ppvi score`` ``--iwae-k``; it was 1000). Measured on the
+gallery vae (MLP, hidden 128, latent 2) after 30 steps on MNIST, on the 2-core machine under load
+(load average ~12, 1 torch thread): 2,000 MNIST images took 37 s at K = 100 (K = 1000 takes about ten
+times as long: over 6 minutes). What K = 100 costs in accuracy, on 100 of those images: IWAE_1000 -
+IWAE_100 = 0.26 nats per image (se 0.11), against log p(x) of about -192 nats; the Monte Carlo sd of one
+image's IWAE_100 is about 4.4 nats, i.e. a standard error of 0.11 nats on the mean over 2,000 images,
+an order below the standard error over images (1.08 nats) that ``evaluate`` reports. Raise ``--iwae-k``
+for the tighter bound (the gap closes as 1/K) where time allows; a rich progress bar over the points
+shows how long it will take.
+
 Refused
 -------
 Sample sites outside the data plate (global latents, as in gmm) give no per-point bound, and
