@@ -55,14 +55,15 @@ import contextlib
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyro
-import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .data import Batch
 from .errors import UsageError
@@ -72,7 +73,7 @@ from .runs import load_run, restart_params
 if TYPE_CHECKING:
     from .fit import FitResult
 
-__all__ = ["log_weights", "iwae_bound", "elbo_per_point", "evaluate", "score", "load_eval_data"]
+__all__ = ["elbo_per_point", "evaluate", "iwae_bound", "load_eval_data", "log_weights", "score"]
 
 PARTICLE_PLATE = "_ppvi_particles"
 

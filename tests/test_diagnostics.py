@@ -400,10 +400,10 @@ def test_diagnose_prints_the_pooled_khat_and_the_restart_range(normal_run):
 
 def test_loo_prints_the_corrected_estimate_where_the_plain_one_is_not_finite():
     from ppvi.diagnostics import LooReport
-    from ppvi.diagnostics.report import _loo_line  # noqa: the line's wording is what is tested
+    from ppvi.diagnostics.report import loo_line
 
     loo = LooReport("x", math.inf, math.nan, math.nan, 50, 3, 1.2, -76.0, 6.5, 0.4, "note")
-    line = _loo_line(loo)
+    line = loo_line(loo)
     assert "elpd_loo not finite" in line and "-76.00" in line
 
 

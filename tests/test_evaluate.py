@@ -20,7 +20,6 @@ from ppvi.evaluate import DEFAULT_IWAE_K, iwae_bound, log_weights
 from ppvi.images import load_mnist, write_idx
 from ppvi.runs import full_batch, load_run
 
-
 pytestmark = pytest.mark.statistical
 
 MNIST = Path(__file__).parents[2] / "shared" / "data" / "mnist"

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyro
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.infer import config_enumerate
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import site_is_subsample
@@ -27,7 +27,7 @@ from .layout import Layout, build_layout, is_deterministic, is_latent
 if TYPE_CHECKING:
     from ..fit import FitResult, RestartResult
 
-__all__ = ["MAX_POINTWISE_VALUES", "CHUNK_VALUES", "DRAWS_PLATE", "check_count", "to_inference_data", "inference_data"]
+__all__ = ["CHUNK_VALUES", "DRAWS_PLATE", "MAX_POINTWISE_VALUES", "check_count", "inference_data", "to_inference_data"]
 
 MAX_POINTWISE_VALUES = 50_000_000  # restarts x draws x points kept for the log-likelihood group
 CHUNK_VALUES = 4_000_000  # draws x points evaluated in one vectorised pass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyro.poutine as poutine
+from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import UsageError
@@ -24,7 +24,7 @@ from ..runs import full_batch, restart_params
 if TYPE_CHECKING:
     from ..fit import FitResult
 
-__all__ = ["MAX_LOCAL_VALUES", "LatentSite", "ObservedSite", "Layout", "build_layout", "is_latent", "is_deterministic", "is_observed"]
+__all__ = ["MAX_LOCAL_VALUES", "LatentSite", "Layout", "ObservedSite", "build_layout", "is_deterministic", "is_latent", "is_observed"]
 
 MAX_LOCAL_VALUES = 1000  # local latent values per draw kept in the posterior group (eight schools' theta: 8)
 

@@ -76,5 +76,5 @@ def loo_report(idata) -> LooReport:
     corrected = _corrected_loo(idata, names[0])
     note = "every observation's Pareto k <= 0.7" if not high else f"{high} observation(s) with Pareto k > 0.7 in az.loo: its estimate is unreliable"
     if corrected[2] > KHAT_USABLE:
-        note += "; the q-corrected estimate has observation(s) with Pareto k > 0.7 (max {:.2f})".format(corrected[2])
+        note += f"; the q-corrected estimate has observation(s) with Pareto k > 0.7 (max {corrected[2]:.2f})"
     return LooReport(names[0], float(elpd.elpd_loo), float(elpd.se), float(elpd.p_loo), int(pareto_k.size), high, float(pareto_k.max()), *corrected, note)

@@ -22,7 +22,7 @@ from .layout import Layout, build_layout
 if TYPE_CHECKING:
     from ..fit import FitResult
 
-__all__ = ["MAX_NUTS_LATENT_DIM", "MAX_NUTS_DATA", "NutsComparison", "check_nuts", "nuts_reference", "compare_to_reference", "plot_comparison"]
+__all__ = ["MAX_NUTS_DATA", "MAX_NUTS_LATENT_DIM", "NutsComparison", "check_nuts", "compare_to_reference", "nuts_reference", "plot_comparison"]
 
 MAX_NUTS_LATENT_DIM = 1000  # continuous latent dimensions NUTS is asked to explore
 MAX_NUTS_DATA = 10_000  # data points per gradient evaluation

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -23,9 +23,9 @@ from .rhat import RestartAgreement, restart_agreement
 from .summary import summarize
 
 __all__ = [
-    "POOLED_DRAWS",
     "DRAW_BUDGET",
     "MAX_PRINTED_ROWS",
+    "POOLED_DRAWS",
     "Diagnosis",
     "default_num_samples",
     "diagnose",
@@ -256,7 +256,7 @@ def _psis_lines(psis: PsisReport, restarts: int, draws: int) -> list[str]:
     return lines
 
 
-def _loo_line(loo: LooReport) -> str:
+def loo_line(loo: LooReport) -> str:
     head = f"PSIS-LOO ({loo.var_name}, {loo.num_points} observations): "
     corrected = f"corrected for q: elpd_loo {loo.elpd_loo_corrected:.2f} (se {loo.se_corrected:.2f})"
     if np.isfinite(loo.elpd_loo):
@@ -274,13 +274,15 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
     lines += [""] + _psis_lines(diagnosis.psis, restarts, diagnosis.num_samples)
     lines.append(f"R-hat across restarts: {diagnosis.restarts.note}")
     lines += [f"  {label}: R-hat {diagnosis.restarts.rhat[label]:.4g}: restarts disagree (different modes?)" for label in diagnosis.restarts.flagged]
-    lines.append(_loo_line(diagnosis.loo))
+    lines.append(loo_line(diagnosis.loo))
     if diagnosis.nuts is not None:
         nuts = diagnosis.nuts
         lines += [
             "",
-            f"VI against NUTS ({int(nuts.reference.posterior.sizes['draw'])} draws, {nuts.num_divergences} divergences); "
-            "mean_diff_sd = (VI mean - NUTS mean) / NUTS sd:",
+            (
+                f"VI against NUTS ({int(nuts.reference.posterior.sizes['draw'])} draws, {nuts.num_divergences} divergences); "
+                "mean_diff_sd = (VI mean - NUTS mean) / NUTS sd:"
+            ),
             *_table(nuts.table, COMPARISON_FILE),
         ]
     if diagnosis.files:
