@@ -57,7 +57,7 @@ folding, and localization: an improved R-hat. Bayesian Analysis.
 
 from __future__ import annotations
 
-from .draws import CHUNK_VALUES, DRAWS_PLATE, MAX_POINTWISE_VALUES, to_inference_data
+from .draws import CHUNK_VALUES, DRAWS_PLATE, MAX_POINTWISE_VALUES, MAX_PREDICTIVE_VALUES, to_inference_data
 from .layout import MAX_LOCAL_VALUES, LatentSite, Layout, ObservedSite, build_layout
 from .loo import LooReport, loo_report
 from .nuts import MAX_NUTS_DATA, MAX_NUTS_LATENT_DIM, NutsComparison, compare_to_reference, nuts_reference, plot_comparison
@@ -77,6 +77,7 @@ __all__ = [
     "MAX_NUTS_DATA",
     "MAX_NUTS_LATENT_DIM",
     "MAX_POINTWISE_VALUES",
+    "MAX_PREDICTIVE_VALUES",
     "MAX_PRINTED_ROWS",
     "MIN_PSIS_DRAWS",
     "POSTERIOR_FILE",

@@ -19,7 +19,7 @@ from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import UsageError
-from ..pyro_util import device_scope, rng_scope
+from ..pyro_util import device_scope, finite, rng_scope
 from ..runs import full_batch, load_run, restart_params
 from .arviz_util import az, quiet
 from .layout import Layout, build_layout, is_deterministic, is_latent
@@ -27,17 +27,19 @@ from .layout import Layout, build_layout, is_deterministic, is_latent
 if TYPE_CHECKING:
     from ..fit import FitResult, RestartResult
 
-__all__ = ["CHUNK_VALUES", "DRAWS_PLATE", "MAX_POINTWISE_VALUES", "check_count", "inference_data", "to_inference_data"]
+__all__ = ["CHUNK_VALUES", "DRAWS_PLATE", "MAX_POINTWISE_VALUES", "MAX_PREDICTIVE_VALUES", "check_count", "inference_data", "to_inference_data"]
 
 MAX_POINTWISE_VALUES = 50_000_000  # restarts x draws x points kept for the log-likelihood group
+MAX_PREDICTIVE_VALUES = 10_000_000  # restarts x draws x observed values kept for the posterior_predictive group (40 MB)
 CHUNK_VALUES = 4_000_000  # draws x points evaluated in one vectorised pass
 DRAWS_PLATE = "_ppvi_draws"
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UsageError(f"--{name} must be an integer of at least {minimum} (got {value!r}).")
-    return value
+    """An integer option of at least ``minimum`` (:func:`ppvi.pyro_util.finite`), None refused."""
+    if value is None:
+        raise UsageError(f"--{name} must be an integer (got None).")
+    return finite(name, value, kind=int, low=minimum)
 
 
 def _pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
@@ -175,7 +177,8 @@ def to_inference_data(run, num_samples: int = 1000, seed: int = 0, *, predictive
     seed : int
         Restart ``r`` draws with a seed derived from ``(seed, r)``; the global RNG is restored afterwards.
     predictive : bool
-        Also draw replicated data (the posterior_predictive group).
+        Also draw replicated data (the posterior_predictive group), where restarts x draws x
+        observed values stay within ``MAX_PREDICTIVE_VALUES`` (a VAE's images would not).
     layout : Layout, optional
         The fit's layout, where the caller has built it already.
 
@@ -194,10 +197,12 @@ def to_inference_data(run, num_samples: int = 1000, seed: int = 0, *, predictive
     vectorize = bool(result.config.get("vectorize_particles"))
     num_data = next(iter(result.data.values())).shape[0]
     pointwise = len(result.restarts) * num_samples * num_data <= MAX_POINTWISE_VALUES
+    observed_values = sum(int(np.prod(site.shape)) for site in layout.observed.values())
+    predictive = predictive and pointwise and len(result.restarts) * num_samples * observed_values <= MAX_PREDICTIVE_VALUES
     chains = []
     for restart in result.restarts:
         with restart_params(result, restart), rng_scope(_chain_seed(seed, restart.restart)), torch.no_grad(), device_scope(result.device):
-            chains.append(_draw_chain(result, restart, layout, num_samples, vectorize, pointwise, predictive and pointwise))
+            chains.append(_draw_chain(result, restart, layout, num_samples, vectorize, pointwise, predictive))
     return inference_data(result, layout, chains, num_samples, seed)
 
 
