@@ -165,11 +165,7 @@ def diagnose(
         NUTS draws after as many warm-up steps as half of them (at least 200).
     write : bool
         Write posterior.nc, summary.csv, diagnostics.json (and nuts_comparison.csv,
-        nuts_forest.png) atomically into the run directory.
-
-    Returns
-    -------
-    Diagnosis
+        nuts_forest.png) atomically into the run directory; the :class:`Diagnosis` says which.
     """
     log_fn = log_fn or (lambda message: None)
     _check_arguments(num_samples, seed, reference, nuts_samples)
@@ -187,18 +183,9 @@ def diagnose(
         log_fn(f"running NUTS: {nuts_samples} draws after {max(200, nuts_samples // 2)} warm-up steps ...")
         nuts = compare_to_reference(idata, nuts_reference(result, nuts_samples, seed=seed, progress=progress))
     diagnosis = Diagnosis(
-        model=result.model_file.name,
-        guide=result.config.get("guide", ""),
-        num_samples=num_samples,
-        seed=seed,
-        idata=idata,
-        summary=summarize(idata, psis),
-        psis=psis,
-        restarts=restart_agreement(idata),
-        loo=loo_report(idata),
-        nuts=nuts,
-        run_dir=result.run_dir,
-        left_out=layout.left_out,
+        model=result.model_file.name, guide=result.config.get("guide", ""), num_samples=num_samples, seed=seed, idata=idata,
+        summary=summarize(idata, psis), psis=psis, restarts=restart_agreement(idata), loo=loo_report(idata), nuts=nuts,
+        run_dir=result.run_dir, left_out=layout.left_out,
     )
     if write and result.run_dir is not None:
         diagnosis = dataclasses.replace(diagnosis, files=tuple(_write(diagnosis, Path(result.run_dir))))
