@@ -173,7 +173,9 @@ def diagnose(
     layout = build_layout(result)
     if reference == "nuts":
         check_nuts(result, layout)  # refuse before spending time on the draws
-    num_samples = num_samples or default_num_samples(len(result.restarts), layout)
+    if num_samples is None:
+        num_samples = default_num_samples(len(result.restarts), layout)
+        log_fn(f"drawing {num_samples} x {len(result.restarts)} restart(s) from the guide, each draw scored on the full data (--num-samples sets it)")
     if layout.left_out:
         log_fn(_left_out_line(layout))
     idata = to_inference_data(result, num_samples, seed, layout=layout)
