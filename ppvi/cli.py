@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad input (one-paragraph message, no traceback);
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -252,7 +253,7 @@ def compare_command(run_dirs, out, smooth):
 
 @cli.command("diagnose")
 @click.argument("run_dir", type=click.Path())
-@click.option("--num-samples", type=int, default=1000, show_default=True, help="Guide draws per restart.")
+@click.option("--num-samples", type=int, help="Guide draws per restart (default: 16,000 pooled over the restarts, at least 1,000 each; fewer for large data).")
 @click.option("--reference", help="Also run a reference sampler and compare: nuts (small models only).")
 @click.option("--nuts-samples", type=int, default=1000, show_default=True, help="NUTS draws (after half as many warm-up steps, at least 200).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of NUTS).")
@@ -273,21 +274,36 @@ def diagnose_command(run_dir, num_samples, reference, nuts_samples, seed, progre
     output.print(format_diagnosis(diagnosis), soft_wrap=True)
 
 
+@contextlib.contextmanager
+def _points_progress(description: str, enabled: bool | None):
+    """A rich progress bar over data points (on stderr); yields the ``progress(done, total)`` callback evaluate calls."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    enabled = sys.stderr.isatty() if enabled is None else enabled
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("points"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not enabled) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 @cli.command("evaluate")
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", help="Points to evaluate (a --data source for the run's model); default: the training data.")
 @click.option("--split", type=click.Choice(["train", "test"]), help="With --data DIR of MNIST IDX files: test reads its t10k-* split.")
-@click.option("--iwae-k", "iwae_k", type=int, default=1000, show_default=True, help="K, importance samples per data point.")
+@click.option("--iwae-k", "iwae_k", type=int, default=100, show_default=True, help="K, importance samples per data point (ppvi.evaluate.DEFAULT_IWAE_K).")
 @click.option("--batch-size", type=int, default=100, show_default=True, help="Data points per batch (memory: batch size x 100 samples at a time).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of the binarization, for the vae).")
 @_model_options
-def evaluate_command(run_dir, data, split, iwae_k, batch_size, seed, model, trust_model):
+@click.option("--progress/--no-progress", default=None, help="Progress bar over the data points (default: when stderr is a terminal).")
+def evaluate_command(run_dir, data, split, iwae_k, batch_size, seed, model, trust_model, progress):
     """ELBO and IWAE estimate of log p(x) per data point (nats), for amortized local-latent models (vae, ppca)."""
     from .evaluate import evaluate
 
     if iwae_k < 1:
         raise UsageError(f"--iwae-k must be at least 1 (got {iwae_k}).")
-    frame = evaluate(_preload(run_dir, model, trust_model), data=data, num_samples=iwae_k, batch_size=batch_size, seed=seed, split=split)
+    with _points_progress(f"evaluate K={iwae_k}", progress) as advance:
+        frame = evaluate(_preload(run_dir, model, trust_model), data=data, num_samples=iwae_k, batch_size=batch_size, seed=seed,
+                         split=split, progress=advance)
     table = Table(title=f"{frame.attrs['data']}: {int(frame['num_points'][0])} points, K = {iwae_k} (nats per point)")
     for column in ("estimate", "mean", "standard error"):
         table.add_column(column)
@@ -300,18 +316,21 @@ def evaluate_command(run_dir, data, split, iwae_k, batch_size, seed, model, trus
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", help="Points to score (a --data source for the run's model); default: the training data.")
 @click.option("--split", type=click.Choice(["train", "test"]), help="With --data DIR of MNIST IDX files: test reads its t10k-* split.")
-@click.option("--iwae-k", "iwae_k", type=int, default=1000, show_default=True, help="K, importance samples per data point.")
+@click.option("--iwae-k", "iwae_k", type=int, default=100, show_default=True, help="K, importance samples per data point (ppvi.evaluate.DEFAULT_IWAE_K).")
 @click.option("--batch-size", type=int, default=100, show_default=True, help="Data points per batch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of the binarization, for the vae).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="CSV to write: index, log_p, elbo[, label], in data order.")
 @_model_options
-def score_command(run_dir, data, split, iwae_k, batch_size, seed, out, model, trust_model):
+@click.option("--progress/--no-progress", default=None, help="Progress bar over the data points (default: when stderr is a terminal).")
+def score_command(run_dir, data, split, iwae_k, batch_size, seed, out, model, trust_model, progress):
     """Per-example IWAE log p(x) as CSV, to rank the least likely inputs (sort by log_p)."""
     from .evaluate import score
 
     if iwae_k < 1:
         raise UsageError(f"--iwae-k must be at least 1 (got {iwae_k}).")
-    frame = score(_preload(run_dir, model, trust_model), data=data, num_samples=iwae_k, out=out, batch_size=batch_size, seed=seed, split=split)
+    with _points_progress(f"score K={iwae_k}", progress) as advance:
+        frame = score(_preload(run_dir, model, trust_model), data=data, num_samples=iwae_k, out=out, batch_size=batch_size, seed=seed,
+                      split=split, progress=advance)
     lowest = frame.nsmallest(1, "log_p").iloc[0]
     output.print(f"wrote {out}: {len(frame)} rows; mean log_p {frame['log_p'].mean():.4f}, lowest {lowest['log_p']:.4f} (index {int(lowest['index'])})")
 

@@ -16,10 +16,9 @@ import torch
 
 import ppvi
 from ppvi.errors import UsageError
-from ppvi.evaluate import iwae_bound, log_weights
+from ppvi.evaluate import DEFAULT_IWAE_K, iwae_bound, log_weights
 from ppvi.images import load_mnist, write_idx
 from ppvi.runs import full_batch, load_run
-
 
 pytestmark = pytest.mark.statistical
 
@@ -221,3 +220,52 @@ def test_mnist_test_split(cli, tiny_mnist_splits, tmp_path):
     assert cli("score", run_dir, "--data", tiny_mnist_splits, "--split", "test", "--iwae-k", 5, "--out", out).code == 0
     frame = pd.read_csv(out)
     assert len(frame) == 32 and (frame["label"].to_numpy() == load_mnist(tiny_mnist_splits, "test").labels.numpy()).all()
+
+
+# ------------------------------------------------------------- any data plate, default K, progress
+
+LOCAL_MODEL = '''
+"""z[i] ~ Normal(0, 1), x[i] ~ Normal(z[i], 1): p(x[i]) = Normal(0, sqrt 2) exactly, in a plate not named "data"."""
+import torch
+import pyro
+import pyro.distributions as dist
+from pyro.distributions import constraints
+
+FIT_DEFAULTS = {"steps": 400, "lr": 0.05}
+
+
+def load_data(source, options):
+    return {"x": 2.0 * torch.randn(300, generator=torch.Generator().manual_seed(0))}
+
+
+def model(batch, options):
+    with pyro.plate("observe_data", batch.num_data, subsample=batch.index):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=batch.x)
+
+
+def amortized(batch, options):
+    a = pyro.param("a", lambda: torch.tensor(0.0))
+    s = pyro.param("s", lambda: torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("observe_data", batch.num_data, subsample=batch.index):
+        pyro.sample("z", dist.Normal(a * batch.x, s))
+
+
+GUIDES = {"amortized": amortized}
+'''
+
+
+def test_evaluate_finds_a_data_plate_of_any_name_and_reaches_the_closed_form(tmp_path):
+    # q(z | x) = N(a x, s) contains the exact posterior N(x / 2, 1 / sqrt 2), so log w is nearly
+    # constant after the fit and IWAE (and the ELBO) sit on log p(x) = log N(x; 0, sqrt 2).
+    path = tmp_path / "local_model.py"
+    path.write_text(LOCAL_MODEL)
+    result = ppvi.fit(str(path), seed=0, device="cpu")
+    calls = []
+    frame = ppvi.evaluate(result, batch_size=128, seed=0, progress=lambda done, total: calls.append((done, total)))
+    assert (frame["num_samples"] == DEFAULT_IWAE_K).all()  # the default K
+    assert calls == [(128, 300), (256, 300), (300, 300)]
+    exact = torch.distributions.Normal(0.0, math.sqrt(2.0)).log_prob(result.data["x"].double())
+    mean, se = paired(frame.attrs["iwae"], exact)
+    assert abs(mean) < NUM_STD * se + 0.01, (mean, se)
+    assert (frame.attrs["iwae"] >= frame.attrs["elbo"] - 1e-9).all()
