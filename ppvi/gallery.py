@@ -38,9 +38,9 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, user_code
 
-__all__ = ["ModelFile", "gallery_dir", "gallery_names", "load_model"]
+__all__ = ["ModelFile", "gallery_dir", "gallery_names", "load_model", "load_pair"]
 
 
 def gallery_dir() -> Path:
@@ -64,6 +64,26 @@ class ModelFile:
     path: Path
     module: types.ModuleType
     sha256: str
+
+    convention = "ppvi model file: model(batch, options) and GUIDES"
+
+    def build_pair(self, guide_name=None, options=None, data=None):
+        """``(model_fn, guide_fn)``, both called as ``fn(batch, options)``, with fresh state.
+
+        A class (the model, or a ``GUIDES`` entry) is instantiated anew as ``Cls(options, data)``;
+        a Pyro autoguide class (``{"autonormal": AutoNormal}``) is built from the file's model; a
+        function is used as it is. Call it inside the restart's RNG scope and param store.
+        """
+        from .guides import instantiate
+
+        guide_name = guide_name or self.default_guide
+        if guide_name not in self.guides:
+            raise UsageError(f"model {self.name!r} has no guide {guide_name!r}; its guides are: {', '.join(self.guides)}.")
+        with user_code([self.path]):
+            model_fn = instantiate(self.module.model, None, options, data)
+            base = self.module.model if not isinstance(self.module.model, type) else model_fn
+            guide_fn = instantiate(self.guides[guide_name], base, options, data)
+        return model_fn, guide_fn
 
     @property
     def doc(self) -> str:
@@ -157,7 +177,8 @@ def load_model(name_or_path: str | Path) -> ModelFile:
         name = text
     path = path.resolve()
     try:
-        module = _load_module(name, path)
+        with user_code([path]):
+            module = _load_module(name, path)
     except SyntaxError as error:
         raise UsageError(f"model file {path}: syntax error at line {error.lineno}: {error.msg}.") from None
     for required in ("model", "GUIDES"):
@@ -169,3 +190,63 @@ def load_model(name_or_path: str | Path) -> ModelFile:
     if not module.GUIDES:
         raise UsageError(f"model file {path}: GUIDES is empty.")
     return ModelFile(name=name, path=path, module=module, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def load_pair(model, guide=None, *, seed: int = 0):
+    """The model/guide pair behind every way of naming one, with :class:`ModelFile`'s interface.
+
+    Parameters
+    ----------
+    model : ModelFile, str, Path or callable
+        A ModelFile (returned as it is); a gallery name (``"gmm"``); a path ``"file.py"`` or
+        ``"file.py:model_fn"``; or a Python callable with Pyro's own signature (``model(x, y=None)``).
+        A file that defines ``model(batch, options)`` and ``GUIDES`` follows ppvi's convention
+        (:class:`ModelFile`); any other file or callable is plain Pyro (:class:`ppvi.plain.PlainPair`).
+    guide : optional
+        A name in the file's ``GUIDES`` or a function the file defines; an autoguide name
+        (``"AutoNormal"``, ``"AutoDiagonalNormal"``, ``"AutoMultivariateNormal"``,
+        ``"AutoLowRankMultivariateNormal"``, ``"AutoDelta"``, ``"AutoLaplaceApproximation"``,
+        ``"AutoIAFNormal"``); an autoguide class or instance; a callable; or ``"file.py:guide_fn"``.
+        None: ppvi files take their first ``GUIDES`` entry; plain files their ``guide`` function if
+        they define one, else ``AutoNormal``; callables ``AutoNormal`` (Pyro's usual first choice).
+    seed : int
+        Seed in force while a plain file is first imported (module-level data and weights).
+
+    Returns
+    -------
+    ModelFile or PlainPair
+        ``.default_guide`` is the guide chosen here; ``.build_pair(guide_name, options, data)``.
+    """
+    from . import plain
+
+    if isinstance(model, ModelFile):
+        return model
+    if callable(model) and not isinstance(model, (str, Path)):
+        return plain.from_callables(model, guide)
+    text = str(model)
+    file_part, colon, fn_name = text.rpartition(":")
+    if colon and file_part.endswith(".py"):
+        path = Path(file_part).expanduser()
+        if not path.is_file():
+            raise UsageError(f"model file {file_part!r} does not exist.")
+        return plain.from_file(path, fn_name, guide, seed=seed)
+    if text.endswith(".py") or "/" in text or "\\" in text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise UsageError(f"model file {text!r} does not exist.")
+        path = path.resolve()
+        from .pyro_util import rng_scope
+
+        with user_code([path]), rng_scope(seed):
+            module = _load_module(path.stem, path)
+        if plain.is_ppvi_convention(module):
+            model_file = ModelFile(name=path.stem, path=path, module=module, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+            return _with_guide(model_file, guide)
+        return plain.from_file(path, "model", guide, seed=seed, first_module=module)
+    return _with_guide(load_model(text), guide)
+
+
+def _with_guide(model_file: ModelFile, guide):
+    if guide is not None and guide not in model_file.guides:
+        raise UsageError(f"model {model_file.name!r} has no guide {guide!r}; its guides are: {', '.join(model_file.guides)}.")
+    return model_file
