@@ -291,6 +291,7 @@ class PlainPair(ModelFile):
         return f"PlainPair({self.name!r}, guide={self.guide_label!r})"
 
     convention = "plain Pyro: model and guide called with their own arguments"
+    loads_in_memory = True  # load_data also maps in-memory tensors, dicts and tuples to the model's arguments
 
     @property
     def guides(self) -> dict:
@@ -385,24 +386,27 @@ class _Deferred:
         self.cls, self.instance = cls, instance
 
     def build(self, model, state: _Minibatch):
-        def wrapped(**kwargs):  # the autoguide traces the model: with the same minibatch scaling
-            with _ScaleDataPlate(state, "model"):
-                return model(**kwargs)
+        def scaled(inner):
+            def wrapped(*args, **kwargs):  # the autoguide traces the model: with the same minibatch scaling
+                with _ScaleDataPlate(state, "model"):
+                    return inner(*args, **kwargs)
 
-        def plates(**kwargs):
+            return wrapped
+
+        def plates(*args, **kwargs):
             if state.plate is None or not state.minibatch():
                 return []
             return [pyro.plate(state.plate, state.batch.num_data, subsample=state.batch.index, dim=state.dim)]
 
-        if self.instance is not None:
+        if self.instance is not None:  # keep the user's own model (it may be poutine.block(model, expose=...))
             guide = copy.deepcopy(self.instance)
-            guide._model = (wrapped,)
-            if "create_plates" in vars(guide) and guide.create_plates is None:
+            guide._model = (scaled(self.instance.model),)
+            if getattr(guide, "create_plates", False) is None and getattr(guide, "master", None) is None:
                 guide.create_plates = plates
             return guide
         takes_plates = "create_plates" in inspect.signature(self.cls.__init__).parameters
         kwargs = {"create_plates": plates} if takes_plates else {}
-        guide = self.cls(wrapped, init_loc_fn=init_to_median_or_feasible, **kwargs)
+        guide = self.cls(scaled(model), init_loc_fn=init_to_median_or_feasible, **kwargs)
         if not takes_plates:
             guide._setup_prototype = _refusing_prototype(guide, state)
         return guide
