@@ -163,8 +163,15 @@ def _load_module(name: str, path: Path) -> types.ModuleType:
 
 
 def load_model(name_or_path: str | Path) -> ModelFile:
-    """Load a gallery model by name (``"gmm"``) or a user's model file by path (``"./my_model.py"``)."""
+    """Load a gallery model by name (``"gmm"``) or a user's model file by path (``"./my_model.py"``).
+
+    A path to a plain Pyro file (``model(x)`` without ``GUIDES``), or ``"file.py:model_fn"``, gives
+    a :class:`ppvi.plain.PlainPair` (see :func:`load_pair`).
+    """
     text = str(name_or_path)
+    file_part, colon, _ = text.rpartition(":")
+    if colon and file_part.endswith(".py"):
+        return load_pair(text)
     if text.endswith(".py") or "/" in text or "\\" in text:
         path = Path(text).expanduser()
         if not path.is_file():
@@ -181,6 +188,10 @@ def load_model(name_or_path: str | Path) -> ModelFile:
             module = _load_module(name, path)
     except SyntaxError as error:
         raise UsageError(f"model file {path}: syntax error at line {error.lineno}: {error.msg}.") from None
+    from . import plain
+
+    if not plain.is_ppvi_convention(module) and path.suffix == ".py" and name == path.stem and not str(path).startswith(str(gallery_dir())):
+        return plain.from_file(path, "model", None, first_module=module)
     for required in ("model", "GUIDES"):
         if not hasattr(module, required):
             raise UsageError(

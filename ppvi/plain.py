@@ -50,6 +50,7 @@ import torch
 from pyro.infer import autoguide as pyro_autoguide
 from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
 from .data import Batch
 from .errors import UsageError, user_code
@@ -166,7 +167,7 @@ class _ScaleDataPlate(Messenger):
         self.state, self.role = state, role
 
     def _process_message(self, msg):
-        if msg["type"] != "sample" or msg["name"].endswith("_subsample") or not self.state.minibatch():
+        if msg["type"] != "sample" or site_is_subsample(msg) or not self.state.minibatch():
             return
         state, stack = self.state, msg["cond_indep_stack"]
         num_data, size = state.batch.num_data, len(state.batch)
@@ -585,11 +586,19 @@ def from_file(path: Path, model_name: str = "model", guide=None, *, seed: int = 
             )
         return namespace[model_name], namespace
 
-    spec, label = _file_guide(path, vars(first_module), guide)
-    return PlainPair(
+    namespace = vars(first_module)
+    spec, label = _file_guide(path, namespace, guide)
+    pair = PlainPair(
         name=path.stem, path=path, sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         loader=loader, guide=spec, guide_label=label, doc=first_module.__doc__ or "",
     )
+    # --guide NAME may also pick another guide the file defines: a GUIDES entry, or a function named *guide*
+    others = {name: ("GUIDES", name) for name in namespace.get("GUIDES") or {}}
+    others.update({name: ("file", name) for name, value in namespace.items() if "guide" in name.lower() and inspect.isfunction(value)})
+    for name, other in others.items():
+        pair._guides.setdefault(name, other)
+    _install_compat(pair)
+    return pair
 
 
 def _file_guide(path: Path, namespace: dict, guide):

@@ -160,8 +160,11 @@ def test_regression_minibatch_without_subsample_matches_full_batch():
     assert torch.allclose(loc, mean, atol=0.06)
     assert (scale < 2.0 * exact_sd).all() and (scale > 0.7 * exact_sd).all()
     full = fit(regression_model, "AutoNormal", data=(x, y), steps=500, lr=0.05, lr_decay=0.1, num_particles=4)
-    # ELBO per run: same objective in expectation; the minibatch ELBO's step-to-step sd is a few nats here.
-    assert abs(result.best.final_elbo - full.best.final_elbo) < 0.05 * abs(full.best.final_elbo)
+    # The same objective in expectation. A minibatch ELBO (20 points scaled by 10) has a step-to-step sd
+    # of about 30 nats here, so the mean of the last 200 steps has sd ~2; 12 nats is 5 sd. Unscaled
+    # batches would report about a tenth of the full-data log-likelihood: ~160 nats off.
+    tail = lambda run: float(run.best.elbo_trace["elbo"].iloc[-200:].mean())  # noqa: E731
+    assert abs(tail(result) - tail(full)) < 12
 
 
 # ----------------------------------------------------------------------------- GMM tutorial
