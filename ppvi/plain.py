@@ -154,6 +154,7 @@ class _Minibatch:
         self.plate: str | None = None
         self.dim: int | None = None
         self.found = False
+        self.packed: str | None = None  # an autoguide that packs all latents into one vector (no local latents then)
 
     def minibatch(self) -> bool:
         return self.batch is not None and len(self.batch) < self.batch.num_data
@@ -216,17 +217,22 @@ def _find_plate(state: _Minibatch, model_call, guide_call, options) -> None:
             f"({num_data}) holds the observed site(s) {', '.join(map(repr, observed)) or '(none)'}: write "
             f'`with pyro.plate("data", len(x)):` around them (not a Python loop or a sequential plate), or fit without --batch-size.'
         )
-    for site in model_trace.nodes.values():
+    for name, site in model_trace.nodes.items():
         for frame in site.get("cond_indep_stack", ()):
             if frame.name == state.plate:
                 state.dim = frame.dim
+                if state.packed and site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+                    raise UsageError(
+                        f"{state.packed} packs every latent into one vector, so it cannot fit the local latent {name!r} of the "
+                        f"minibatched plate {state.plate!r}: use AutoNormal or AutoDelta, or fit without --batch-size."
+                    )
 
 
 # ----------------------------------------------------------------------------- fresh state
 
 
 def _modules_reached(fns) -> list[torch.nn.Module]:
-    """nn.Modules the user's callables reach: their bound ``self`` and the globals their code names."""
+    """nn.Modules the user's callables reach: their bound ``self``, the globals their code names, their closures."""
     found = []
     for fn in fns:
         if isinstance(fn, torch.nn.Module):
@@ -235,8 +241,8 @@ def _modules_reached(fns) -> list[torch.nn.Module]:
         if isinstance(owner, torch.nn.Module):
             found.append(owner)
         code, scope = getattr(getattr(fn, "__func__", fn), "__code__", None), getattr(getattr(fn, "__func__", fn), "__globals__", {})
-        for name in code.co_names if code is not None else ():
-            value = scope.get(name)
+        cells = [cell.cell_contents for cell in getattr(getattr(fn, "__func__", fn), "__closure__", None) or () if _filled(cell)]
+        for value in [scope.get(name) for name in (code.co_names if code is not None else ())] + cells:
             if isinstance(value, torch.nn.Module) and not isinstance(value, AutoGuide):
                 found.append(value)
     unique = []
@@ -244,6 +250,14 @@ def _modules_reached(fns) -> list[torch.nn.Module]:
         if all(module is not seen for seen in unique):
             unique.append(module)
     return unique
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 class _Reset:
@@ -383,8 +397,8 @@ class PlainPair(ModelFile):
 class _Deferred:
     """An autoguide to build from the model once the pair exists (it needs the wrapped model)."""
 
-    def __init__(self, cls=None, instance=None):
-        self.cls, self.instance = cls, instance
+    def __init__(self, cls=None, instance=None, inner=None):
+        self.cls, self.instance, self.inner = cls, instance, inner  # inner: the instance's own model
 
     def build(self, model, state: _Minibatch):
         def scaled(inner):
@@ -401,7 +415,9 @@ class _Deferred:
 
         if self.instance is not None:  # keep the user's own model (it may be poutine.block(model, expose=...))
             guide = copy.deepcopy(self.instance)
-            guide._model = (scaled(self.instance.model),)
+            guide._model = (scaled(self.inner),)  # a copy forgets its model (AutoGuide.__getstate__)
+            if "create_plates" not in inspect.signature(type(guide).__init__).parameters:
+                state.packed = type(guide).__name__
             if getattr(guide, "create_plates", False) is None and getattr(guide, "master", None) is None:
                 guide.create_plates = plates
             return guide
@@ -409,23 +425,8 @@ class _Deferred:
         kwargs = {"create_plates": plates} if takes_plates else {}
         guide = self.cls(scaled(model), init_loc_fn=init_to_median_or_feasible, **kwargs)
         if not takes_plates:
-            guide._setup_prototype = _refusing_prototype(guide, state)
+            state.packed = type(guide).__name__
         return guide
-
-
-def _refusing_prototype(guide, state):
-    original = guide._setup_prototype
-
-    def setup(*args, **kwargs):
-        original(*args, **kwargs)
-        for name, site in guide.prototype_trace.iter_stochastic_nodes():
-            if any(frame.full_size not in (None, frame.size) for frame in site["cond_indep_stack"]):
-                raise UsageError(
-                    f"{type(guide).__name__} packs every latent into one vector, so it cannot fit the local latent "
-                    f"{name!r} of the minibatched plate {state.plate!r}: use AutoNormal or AutoDelta, or fit without --batch-size."
-                )
-
-    return setup
 
 
 def _respec(spec, namespace):
@@ -447,7 +448,8 @@ def _guide_from_spec(spec, namespace):
     if isinstance(spec, type) and issubclass(spec, AutoGuide):
         return _Deferred(cls=spec)
     if isinstance(spec, AutoGuide):
-        return _Deferred(instance=_pristine(spec))
+        pristine, inner = _pristine(spec)
+        return _Deferred(instance=pristine, inner=inner)
     if callable(spec):
         return spec
     raise UsageError(f"guide {spec!r} is not callable: give a guide function, an autoguide class or instance, or a name.")
@@ -456,17 +458,20 @@ def _guide_from_spec(spec, namespace):
 _PRISTINE: dict = {}
 
 
-def _pristine(instance: AutoGuide) -> AutoGuide:
+def _pristine(instance: AutoGuide) -> tuple:
     # An autoguide instance as it was when first seen, so each restart starts from the same untrained state.
     key = id(instance)
     if key not in _PRISTINE:
-        if hasattr(instance, "prototype_trace"):
+        if getattr(instance, "prototype_trace", None) is not None:
             raise UsageError(
                 f"the {type(instance).__name__} instance was already run (it holds fitted parameters); pass a new "
                 f"instance, its class, or the name {type(instance).__name__!r}."
             )
-        _PRISTINE[key] = (instance, copy.deepcopy(instance))
-    return _PRISTINE[key][1]
+        model = instance.model
+        pristine = copy.deepcopy(instance)  # AutoGuide.__getstate__ drops the model, of the original too
+        instance._model = (model,)
+        _PRISTINE[key] = (instance, pristine, model)
+    return _PRISTINE[key][1], _PRISTINE[key][2]
 
 
 # ----------------------------------------------------------------------------- data
