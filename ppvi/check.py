@@ -79,6 +79,23 @@ def _infer_warnings(guide_trace) -> list[str]:
     return found
 
 
+def _shape_warnings(model_trace, guide_trace) -> list[str]:
+    found = []
+    for name, site in guide_trace.nodes.items():
+        other = model_trace.nodes.get(name)
+        if site["type"] != "sample" or other is None or other["is_observed"] or site_is_subsample(site):
+            continue
+        prior_shape = tuple(other["fn"].batch_shape + other["fn"].event_shape)
+        value_shape = tuple(site["value"].shape)
+        if value_shape != prior_shape:
+            found.append(
+                f"the guide samples {name!r} with shape {value_shape} but the model's prior there has shape {prior_shape}: "
+                f"log p({name}) broadcasts to {tuple(other['fn'].log_prob(site['value']).shape)} and is summed as if each "
+                "element were a separate latent; make the guide's shape match the model's."
+            )
+    return found
+
+
 def _plate_lines(report: CheckReport, model_trace, num_data: int, batch_size: int | None, ppvi_file: bool) -> None:
     plate = data_plate(model_trace, num_data)
     if plate is None:
@@ -123,7 +140,7 @@ def check(model, guide=None, *, data=None, batch_size: int | None = None, option
             full = Batch(tensors, torch.arange(num_data), num_data)
             model_trace, guide_trace = trace_pair(model_fn, guide_fn, full, options)
             report.lines += _site_lines(model_trace, guide_trace)
-            report.warnings += _infer_warnings(guide_trace)
+            report.warnings += _infer_warnings(guide_trace) + _shape_warnings(model_trace, guide_trace)
             _plate_lines(report, model_trace, num_data, batch_size, ppvi_file=not getattr(pair, "loads_in_memory", False))
             _estimator_lines(report, model_fn, guide_fn, full, options)
             if batch_size and batch_size < num_data and not report.errors:
