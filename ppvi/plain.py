@@ -200,8 +200,9 @@ class _ScaleDataPlate(Messenger):
 
 def _find_plate(state: _Minibatch, model_call, guide_call, options) -> None:
     """Find the data plate by size on the full data (once), without touching the RNG or creating gradients."""
-    num_data = next(iter(state.full.values())).shape[0]
-    full = Batch(state.full, torch.arange(num_data), num_data)
+    first = next(iter(state.full.values()))
+    num_data = first.shape[0]
+    full = Batch(state.full, torch.arange(num_data, device=first.device), num_data)
     saved, state.batch = state.batch, full
     try:
         with rng_scope(), torch.no_grad(), poutine.block():

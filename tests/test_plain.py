@@ -330,3 +330,12 @@ def test_fit_help_names_the_convention(tmp_path):
     path = write(tmp_path, COIN)
     assert "plain Pyro" in run_cli("fit", str(path), "--help").text
     assert "ppvi model file" in run_cli("fit", "beta_bernoulli", "--help").text
+
+
+def test_cli_fits_a_plain_file_with_autoguide_and_csv(tmp_path):
+    path = write(tmp_path, COIN)
+    (tmp_path / "flips.csv").write_text("data\n1\n1\n1\n1\n1\n1\n0\n0\n0\n0\n")
+    result = run_cli("fit", str(path), "--guide", "AutoNormal", "--data", str(tmp_path / "flips.csv"), "--steps", "20",
+                     "--out", str(tmp_path / "run"))
+    assert result.code == 0, result.text
+    assert (tmp_path / "run" / "config.json").exists()
