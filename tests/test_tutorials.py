@@ -93,9 +93,10 @@ def test_coin_autonormal_by_name():
 @pytest.mark.slow
 def test_coin_nonreparameterized_beta_uses_score():
     result = fit(coin_model, coin_guide_score, data=coin_data, steps=3000, lr=0.01, lr_decay=0.1, num_particles=8)
-    assert result.estimator in ("score", "enum") and "non" in result.estimator_reason.lower() or result.estimator == "score"
+    # score-function gradients are noisier: 3,000 steps of 8 particles leave ~0.01 in the mean (measured).
+    assert result.estimator == "score"
     mean, sd = _beta_moments(result.params)
-    assert abs(mean - POSTERIOR_MEAN) < 0.03
+    assert abs(mean - POSTERIOR_MEAN) < 0.03 and abs(sd - POSTERIOR_SD) < 0.02
 
 
 # ----------------------------------------------------------------------------- Bayesian regression
