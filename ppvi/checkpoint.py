@@ -17,6 +17,7 @@ import torch
 
 from . import rundir
 from .errors import TrainingDiverged, UsageError
+from .plots import save_trace_plot
 
 __all__ = ["RunWriter", "CHECKPOINT_SECONDS", "TRACE_COLUMNS"]
 
@@ -152,4 +153,4 @@ class RunWriter:
         if self.run_dir is None or not self.writer:
             return
         rundir.write_json(self.run_dir / rundir.CONFIG, config)
-        rundir.plot_trace(self.run_dir, self.trace(), title)
+        save_trace_plot(self.run_dir, self.trace(), title)

@@ -202,7 +202,8 @@ def fit_command(ctx, model, data, out, resume, progress, **options):
 @click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True, help="Rolling-mean window in steps.")
 def compare_command(run_dirs, out, smooth):
     """Overlay the ELBO traces of several runs (seaborn) and print their final ELBOs."""
-    from .compare import compare_runs, plot_traces
+    from .compare import compare_runs, final_elbos, plot_traces
+    from .plots import save_figure
 
     for run_dir in run_dirs:
         if not Path(run_dir).is_dir():
@@ -211,22 +212,15 @@ def compare_command(run_dirs, out, smooth):
     table = Table(title="final ELBO (median of last 10% of steps, per restart)")
     for column in ("run", "model", "guide", "estimator", "steps", "final ELBO"):
         table.add_column(column)
-    for (run, model, guide, estimator), group in frame.groupby(["run", "model", "guide", "estimator"], sort=False):
-        finals = group.groupby("restart")["elbo"].apply(lambda s: s.iloc[-max(1, len(s) // 10):].median())
-        table.add_row(run, model, guide, estimator, str(group["step"].max() + 1), ", ".join(f"{v:.4g}" for v in finals))
+    for row in final_elbos(frame).itertuples(index=False):
+        table.add_row(row.run, row.model, row.guide, row.estimator, str(row.steps), ", ".join(f"{v:.4g}" for v in row.final_elbo))
     output.print(table)
     if out is not None:
-        import matplotlib
+        from matplotlib.figure import Figure  # a bare figure: no backend to choose, no pyplot state
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from .rundir import atomic_write
-
-        ax = plot_traces(frame, smooth=smooth)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(out), lambda temporary: ax.figure.savefig(temporary, format="png", dpi=110))
-        plt.close(ax.figure)
+        figure = Figure(figsize=(7, 4), layout="constrained")
+        plot_traces(frame, ax=figure.subplots(), smooth=smooth)
+        save_figure(figure, out)
         output.print(f"wrote {out}")
 
 

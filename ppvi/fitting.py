@@ -30,6 +30,7 @@ from .estimators import EstimatorSettings, choose_estimator, inspect_sites, make
 from .gallery import ModelFile, load_model
 from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
 from .results import FitResult, RestartResult
+from .version import __version__
 
 __all__ = ["fit", "resume", "train", "resolve_device", "FitConfig", "FitResult", "RestartResult", "ElboBuffer", "SYNC_EVERY"]
 
@@ -51,23 +52,13 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
         or tensors with one data point per row.
     options : dict or the model's Options, optional
         Model options (``{"num_components": 3}``).
-    out : path, optional
-        Run directory to write (config.json, elbo.csv, params.pt, elbo.png).
-    resume : bool
-        Continue the run in ``out`` from its last checkpoint.
-    progress : bool
-        Show a progress bar with the running ELBO.
-    log_fn : callable, optional
-        Receives one-line messages (the estimator choice and its reason).
+    out, resume : path, bool
+        Run directory to write (config.json, elbo.csv, params.pt, elbo.png); continue it from its last checkpoint.
+    progress, log_fn : bool, callable
+        A progress bar with the running ELBO; a receiver of one-line messages (the estimator and why).
     **settings
-        The fit options of :class:`~ppvi.config.FitConfig` (``estimator``, ``steps``, ``lr``,
-        ``batch_size``, ``seed``, ``restarts`` ...).
-
-    Returns
-    -------
-    FitResult
+        The fit options of :class:`~ppvi.config.FitConfig` (``estimator``, ``steps``, ``lr``, ``seed``, ``restarts`` ...).
     """
-    log_fn = log_fn or (lambda message: None)
     config = FitConfig.from_options(guide=guide, **settings)
     model_file = model if isinstance(model, ModelFile) else load_model(model)
     guide = config.guide or model_file.default_guide
@@ -78,54 +69,76 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     options = model_file.make_options(options)
     device = resolve_device(config.device)
     source, tensors = load_data_tensors(model_file, data, options, device)
-    num_data = next(iter(tensors.values())).shape[0]
-    batches = Batches(num_data, config.batch_size, config.seed, device)
+    batches = Batches(next(iter(tensors.values())).shape[0], config.batch_size, config.seed, device)
     total_steps = config.steps if config.steps is not None else config.epochs * batches.steps_per_epoch()
-    record = _record(model, model_file, guide, config, options, source, num_data, batches, total_steps, device)
-    writer = RunWriter(out, resume=resume, device=device, checkpoint_every=config.checkpoint_every)
-    restarts = []
+    job = FitJob(model_file, config, estimator_settings, options, tensors, batches, total_steps, device,
+                 record=_record(model, model_file, config, options, source, batches, total_steps, device),
+                 writer=RunWriter(out, resume=resume, device=device, checkpoint_every=config.checkpoint_every),
+                 log_fn=log_fn or (lambda message: None))
     with fit_scope(), _progress(progress) as bar:
-        for restart in range(config.restarts):
-            seed = config.seed + restart
-            with pyro.get_param_store().scope(), device_scope(device):
-                pyro.set_rng_seed(seed)
-                model_fn, guide_fn = model_file.build_pair(guide, options, tensors)
-                first = batch_at(tensors, batches.index(0), num_data, batches.batch_size is None)
-                estimator, sites = _build_estimator(config, estimator_settings, model_fn, guide_fn, first, options, total_steps)
-                if restart == 0:
-                    log_fn(f"estimator: {estimator.name} ({estimator.reason})")
-                    record.update(estimator=estimator.name, estimator_reason=estimator.reason, sites=sites,
-                                  estimator_options=_relevant(estimator.name, estimator_settings, total_steps))
-                    writer.start(record, settings_differ=lambda old: _settings_differ(old, config))
-                pyro.set_rng_seed(seed)
-                store = pyro.get_param_store()
-                optimizer = _optimizer(store, config, device)
-                start, elapsed, trace = writer.restore(restart, store, optimizer)
-                scoped = loop_needs_device_scope(model_fn, guide_fn, first, options, device=device)
-                label = f"{model_file.name}/{guide}" + (f" restart {restart}" if config.restarts > 1 else "")
-                task = bar.add_task(label, total=total_steps, completed=start, elbo="...")
-                with device_scope(device) if scoped else contextlib.nullcontext():
-                    try:
-                        trace, _ = train(
-                            estimator=estimator, data=tensors, options=options, batches=batches, optimizer=optimizer,
-                            config=config, total_steps=total_steps, restart=restart, start=start, elapsed=elapsed, trace=trace,
-                            checkpoint_fn=lambda step, seconds, done, rows: writer.checkpoint(
-                                restart, store=store, optimizer=optimizer, step=step, elapsed=seconds, seed=seed, done=done, trace=rows),
-                            checkpoint_due=writer.due,
-                            progress_fn=lambda step, elbo: bar.update(task, completed=step, elbo=f"{elbo:.4g}"),
-                        )
-                    except TrainingDiverged as error:
-                        writer.diverged(restart, error, record)
-                        raise
-                restarts.append(_restart_result(restart, seed, store, trace, model_fn, guide_fn))
+        restarts = [_fit_restart(job, restart, bar) for restart in range(config.restarts)]
     result = FitResult(
         params=None, elbo_trace=pd.concat([r.elbo_trace for r in restarts], ignore_index=True),
-        estimator=estimator.name, estimator_reason=estimator.reason, device=device, seed=config.seed, config=record,
-        restarts=restarts, model_file=model_file, options=options, data=tensors, run_dir=Path(out) if out is not None else None,
+        estimator=job.record["estimator"], estimator_reason=job.record["estimator_reason"], device=device, seed=config.seed,
+        config=job.record, restarts=restarts, model_file=model_file, options=options, data=tensors,
+        run_dir=Path(out) if out is not None else None,
     )
-    record.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restarts])
-    writer.finish(record, f"{model_file.name} / {guide} / {estimator.name}")
+    job.record.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restarts])
+    job.writer.finish(job.record, f"{model_file.name} / {guide} / {result.estimator}")
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class FitJob:
+    """What every restart of one fit shares: the resolved settings, the data on the device, the run directory."""
+
+    model_file: ModelFile
+    config: FitConfig
+    estimator_settings: EstimatorSettings
+    options: object
+    data: dict
+    batches: Batches
+    total_steps: int
+    device: torch.device
+    record: dict  # config.json
+    writer: RunWriter
+    log_fn: Callable[[str], None]
+
+
+def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
+    """One restart in a fresh param store: build the pair and its estimator, then train from the checkpoint (if any)."""
+    config, seed = job.config, job.config.seed + restart
+    with pyro.get_param_store().scope(), device_scope(job.device):
+        pyro.set_rng_seed(seed)
+        model_fn, guide_fn = job.model_file.build_pair(config.guide, job.options, job.data)
+        first = batch_at(job.data, job.batches.index(0), job.batches.num_data, job.batches.batch_size is None)
+        estimator, sites = _build_estimator(config, job.estimator_settings, model_fn, guide_fn, first, job.options, job.total_steps)
+        if restart == 0:
+            job.log_fn(f"estimator: {estimator.name} ({estimator.reason})")
+            job.record.update(estimator=estimator.name, estimator_reason=estimator.reason, sites=sites,
+                              estimator_options=_relevant(estimator.name, job.estimator_settings, job.total_steps))
+            job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
+        pyro.set_rng_seed(seed)  # training draws the same numbers however much the set-up drew
+        store = pyro.get_param_store()
+        optimizer = _optimizer(store, config, job.device)
+        start, elapsed, trace = job.writer.restore(restart, store, optimizer)
+        scoped = loop_needs_device_scope(model_fn, guide_fn, first, job.options, device=job.device)
+        label = f"{job.model_file.name}/{config.guide}" + (f" restart {restart}" if config.restarts > 1 else "")
+        task = bar.add_task(label, total=job.total_steps, completed=start, elbo="...")
+        with device_scope(job.device) if scoped else contextlib.nullcontext():
+            try:
+                trace, _ = train(
+                    estimator=estimator, data=job.data, options=job.options, batches=job.batches, optimizer=optimizer,
+                    config=config, total_steps=job.total_steps, restart=restart, start=start, elapsed=elapsed, trace=trace,
+                    checkpoint_fn=lambda step, seconds, done, rows: job.writer.checkpoint(
+                        restart, store=store, optimizer=optimizer, step=step, elapsed=seconds, seed=seed, done=done, trace=rows),
+                    checkpoint_due=job.writer.due,
+                    progress_fn=lambda step, elbo: bar.update(task, completed=step, elbo=f"{elbo:.4g}"),
+                )
+            except TrainingDiverged as error:
+                job.writer.diverged(restart, error, job.record)
+                raise
+        return _restart_result(restart, seed, store, trace, model_fn, guide_fn)
 
 
 def train(*, estimator, data: dict, options, batches: Batches, optimizer, config: FitConfig, total_steps: int, restart: int = 0,
@@ -300,22 +313,19 @@ def _settings_differ(old: dict, config: FitConfig) -> list[str]:
     return config.differences(before)
 
 
-def _record(model, model_file, guide: str, config: FitConfig, options, source, num_data: int, batches: Batches,
-            total_steps: int, device: torch.device) -> dict:
+def _record(model, model_file, config: FitConfig, options, source, batches: Batches, total_steps: int, device: torch.device) -> dict:
     """config.json: the settings (to rerun) and what they resolved to (to read)."""
-    from . import __version__
-
     return {
         "model": model_file.name if Path(str(model)).suffix != ".py" else str(model_file.path),
         "model_path": str(model_file.path),
         "model_sha256": model_file.sha256,
         "settings": config.to_dict(),
-        "guide": guide,
+        "guide": config.guide,
         "estimator_requested": config.estimator,
         "estimator_settings": {name: getattr(config, name) for name in ("baseline", *EstimatorSettings.GUMBEL_FIELDS)},
         "options": dataclasses.asdict(options) if options is not None else {},
         "data": source if source is not None else "built-in",
-        "num_data": num_data,
+        "num_data": batches.num_data,
         "steps": total_steps,
         "epochs": config.epochs,
         "batch_size": batches.batch_size,

@@ -22,7 +22,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["atomic_write", "write_json", "read_config", "write_trace", "read_trace", "save_checkpoint", "load_checkpoint", "plot_trace"]
+__all__ = ["atomic_write", "write_json", "read_config", "write_trace", "read_trace", "save_checkpoint", "load_checkpoint"]
 
 CONFIG, TRACE, PARAMS, PLOT = "config.json", "elbo.csv", "params.pt", "elbo.png"
 
@@ -80,24 +80,3 @@ def load_checkpoint(run_dir: Path, map_location=None) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def plot_trace(run_dir: Path, trace: pd.DataFrame, title: str) -> None:
-    """Save elbo.png: the ELBO against the step, one line per restart."""
-    import seaborn as sns
-    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state touched (notebooks)
-
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
-    axes = figure.subplots()
-    frame = trace.assign(restart=trace["restart"].astype(str))
-    window = max(1, len(frame) // (50 * frame["restart"].nunique()))
-    frame["smoothed"] = frame.groupby("restart")["elbo"].transform(lambda s: s.rolling(window, center=True, min_periods=1).mean())
-    hue = "restart" if frame["restart"].nunique() > 1 else None
-    sns.lineplot(data=frame, x="step", y="elbo", hue=hue, ax=axes, linewidth=0.6, alpha=0.35, legend=False)
-    if window > 1:  # the rolling mean shows the trend under the per-step Monte Carlo noise
-        sns.lineplot(data=frame, x="step", y="smoothed", hue=hue, ax=axes, linewidth=1.4)
-    low, high = frame["elbo"].quantile([0.05, 1.0])
-    if frame["elbo"].min() < low - (high - low):  # keep early transients from flattening the picture
-        axes.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
-    axes.set(title=title, xlabel="step", ylabel="ELBO")
-    atomic_write(Path(run_dir) / PLOT, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
