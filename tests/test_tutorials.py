@@ -191,7 +191,7 @@ def gmm_init(site):  # the tutorial's init_loc_fn (its seed search is replaced b
     if site["name"] == "weights":
         return torch.ones(K) / K
     if site["name"] == "scale":
-        return torch.tensor((gmm_data.var() / 2).sqrt())
+        return (gmm_data.var() / 2).sqrt()
     if site["name"] == "locs":
         return torch.tensor([0.0, 12.0])
     raise ValueError(site["name"])
