@@ -103,7 +103,7 @@ def _plate_lines(report: CheckReport, model_trace, num_data: int, batch_size: in
         if batch_size:
             report.errors.append(
                 f"--batch-size {batch_size}: no vectorized plate of the data's size ({num_data}) holds the observed sites, so "
-                'the likelihood cannot be scaled; wrap them in `with pyro.plate("data", len(x)):`, or fit full-batch.'
+                'the likelihood cannot be scaled; wrap them in `with pyro.plate("data", len(x)):` (sized, vectorized), or fit full-batch.'
             )
         return
     inside = [name for name, site in model_trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site) and any(f.name == plate for f in site["cond_indep_stack"])]

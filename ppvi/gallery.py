@@ -168,6 +168,8 @@ def load_model(name_or_path: str | Path) -> ModelFile:
     A path to a plain Pyro file (``model(x)`` without ``GUIDES``), or ``"file.py:model_fn"``, gives
     a :class:`ppvi.plain.PlainPair` (see :func:`load_pair`).
     """
+    if callable(name_or_path) and not isinstance(name_or_path, (str, Path)):
+        return load_pair(name_or_path)  # a plain Pyro callable, with AutoNormal by default
     text = str(name_or_path)
     file_part, colon, _ = text.rpartition(":")
     if colon and file_part.endswith(".py"):

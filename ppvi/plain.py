@@ -216,7 +216,7 @@ def _find_plate(state: _Minibatch, model_call, guide_call, options) -> None:
         raise UsageError(
             f"with --batch-size, ppvi must scale the likelihood by N/B, but no vectorized plate of the data's size "
             f"({num_data}) holds the observed site(s) {', '.join(map(repr, observed)) or '(none)'}: write "
-            f'`with pyro.plate("data", len(x)):` around them (not a Python loop or a sequential plate), or fit without --batch-size.'
+            f'`with pyro.plate("data", len(x)):` around them (sized, vectorized: not a Python loop, a sequential plate or a plate without a size), or fit without --batch-size.'
         )
     for name, site in model_trace.nodes.items():
         for frame in site.get("cond_indep_stack", ()):

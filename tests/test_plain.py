@@ -339,3 +339,15 @@ def test_cli_fits_a_plain_file_with_autoguide_and_csv(tmp_path):
                      "--out", str(tmp_path / "run"))
     assert result.code == 0, result.text
     assert (tmp_path / "run" / "config.json").exists()
+
+
+def test_ppvi_fit_takes_a_callable_and_an_autoguide_name():
+    import ppvi
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    assert "AutoNormal.locs.mu" in ppvi.fit(model, data=torch.randn(5), steps=5).params  # guide=None: AutoNormal
+    assert "AutoDelta.mu" in ppvi.fit(model, "AutoDelta", data=torch.randn(5), steps=5).params
