@@ -351,3 +351,39 @@ def test_ppvi_fit_takes_a_callable_and_an_autoguide_name():
 
     assert "AutoNormal.locs.mu" in ppvi.fit(model, data=torch.randn(5), steps=5).params  # guide=None: AutoNormal
     assert "AutoDelta.mu" in ppvi.fit(model, "AutoDelta", data=torch.randn(5), steps=5).params
+
+
+def test_standard_guides_start_feasible_under_an_improper_prior(tmp_path):
+    path = write(tmp_path, '''
+        import pyro, torch
+        import pyro.distributions as dist
+        from pyro.distributions import constraints
+        from ppvi.guides import standard_guides
+
+        def load_data(source, options):
+            return {"x": torch.randn(20)}
+
+        def model(batch, options):
+            scale = pyro.sample("scale", dist.ImproperUniform(constraints.positive, (), ()))
+            with pyro.plate("data", batch.num_data, subsample=batch.index):
+                pyro.sample("obs", dist.Normal(0.0, scale), obs=batch.x)
+
+        GUIDES = standard_guides(model)
+    ''')
+    for guide in ("meanfield", "fullrank"):
+        result = fitting.fit(str(path), guide=guide, steps=5)
+        assert all(torch.isfinite(value).all() for value in result.params.values())
+
+
+def test_describe_fit_prints_elbo_values_and_posterior_moments():
+    from ppvi.report import describe_fit
+
+    def model(data):
+        f = pyro.sample("f", dist.Beta(10.0, 10.0))
+        with pyro.plate("flips", len(data)):
+            pyro.sample("obs", dist.Bernoulli(f), obs=data)
+
+    result = fitting.fit(load_pair(model, "AutoNormal"), data=torch.cat([torch.ones(6), torch.zeros(4)]), steps=10, restarts=2)
+    text = describe_fit(result)
+    assert "restart 0 (seed 0): final ELBO" in text and "restart 1 (seed 1)" in text
+    assert "AutoNormal.locs.f = " in text and "f: 0." in text and "+-" in text
