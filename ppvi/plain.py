@@ -342,6 +342,8 @@ class PlainPair(ModelFile):
         named like arguments, else the whole table as the first argument), a Tensor (the first
         argument), a dict (by keyword) or a tuple (positional).
         """
+        if isinstance(source, list) and source and all(isinstance(item, torch.Tensor) for item in source) and len(source) > len(self.argument_names()):
+            source = torch.stack(source)  # SVI part I's `data = [torch.tensor(1.0), ...]`: one row per item
         data, self.constants = _split_data(self, _values_from(self, source))
         return data
 

@@ -238,3 +238,24 @@ def test_eight_schools_fixed_guide_fits(tmp_path):
     assert not check(str(fixed)).warnings
     result = fitting.fit(load_pair(str(fixed)), steps=3000, lr=0.01, num_particles=4)
     assert abs(float(result.params["loc_mu"]) - 4.4) < 3.3
+
+
+def coin_model_loop(data):  # SVI part I exactly: a Python loop over the flips, one site per flip
+    alpha0 = torch.tensor(10.0)
+    beta0 = torch.tensor(10.0)
+    f = pyro.sample("latent_fairness", dist.Beta(alpha0, beta0))
+    for i in range(len(data)):
+        pyro.sample("obs_{}".format(i), dist.Bernoulli(f), obs=data[i])
+
+
+def test_coin_part_one_loop_and_list_data_as_written():
+    data = []  # the tutorial's data, a list of 0-d tensors
+    for _ in range(6):
+        data.append(torch.tensor(1.0))
+    for _ in range(4):
+        data.append(torch.tensor(0.0))
+    result = fit(coin_model_loop, coin_guide, data=data, steps=400, lr=0.02, num_particles=4)
+    mean, sd = _beta_moments(result.params)
+    assert abs(mean - POSTERIOR_MEAN) < 0.03 and abs(sd - POSTERIOR_SD) < 0.02
+    with pytest.raises(Exception, match="no vectorized plate"):  # minibatches of a Python loop: refused
+        fit(coin_model_loop, coin_guide, data=data, steps=5, batch_size=5)
