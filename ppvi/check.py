@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pyro
 import torch
+
+import pyro
 from pyro.poutine.util import site_is_subsample
 
 from .data import Batch
@@ -49,7 +50,10 @@ def site_kind(fn) -> str:
 
 
 def _plates(site) -> str:
-    frames = [f"{frame.name}[{frame.size}" + (f" of {frame.full_size}]" if frame.full_size not in (None, frame.size) else "]") for frame in reversed(site["cond_indep_stack"])]
+    frames = [
+        f"{frame.name}[{frame.size}" + (f" of {frame.full_size}]" if frame.full_size not in (None, frame.size) else "]")
+        for frame in reversed(site["cond_indep_stack"])
+    ]
     return ", ".join(frames) or "-"
 
 
@@ -106,9 +110,15 @@ def _plate_lines(report: CheckReport, model_trace, num_data: int, batch_size: in
                 'the likelihood cannot be scaled; wrap them in `with pyro.plate("data", len(x)):` (sized, vectorized), or fit full-batch.'
             )
         return
-    inside = [name for name, site in model_trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site) and any(f.name == plate for f in site["cond_indep_stack"])]
-    how = "are scaled by N/B by Pyro (ppvi's convention: subsample=batch.index)" if ppvi_file else "are scaled by N/B by ppvi (whether or not the plate has subsample=)"
-    report.lines.append(f"data plate: {plate!r} ({num_data} points); under --batch-size B its sites {', '.join(inside)} {how}; global sites are not scaled.")
+    inside = [
+        name for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site) and any(f.name == plate for f in site["cond_indep_stack"])
+    ]
+    how = "by Pyro (ppvi's convention: subsample=batch.index)" if ppvi_file else "by ppvi (whether or not the plate has subsample=)"
+    report.lines.append(
+        f"data plate: {plate!r} ({num_data} points); under --batch-size B its sites {', '.join(inside)} are scaled by N/B {how}; "
+        "global sites are not scaled."
+    )
 
 
 def _estimator_lines(report: CheckReport, model_fn, guide_fn, batch, options) -> None:
@@ -136,7 +146,8 @@ def check(model, guide=None, *, data=None, batch_size: int | None = None, option
         num_data = next(iter(tensors.values())).shape[0] if tensors else 1
         report.lines.append(f"data: {', '.join(f'{k} {tuple(v.shape)}' for k, v in tensors.items()) or 'none'} ({num_data} points)")
         with fit_scope(), rng_scope(0), pyro.validation_enabled(True):
-            model_fn, guide_fn = pair.build_pair(guide if isinstance(guide, str) and guide in pair.guides else pair.default_guide, options, tensors)
+            name = guide if isinstance(guide, str) and guide in pair.guides else pair.default_guide
+            model_fn, guide_fn = pair.build_pair(name, options, tensors)
             full = Batch(tensors, torch.arange(num_data), num_data)
             model_trace, guide_trace = trace_pair(model_fn, guide_fn, full, options)
             report.lines += _site_lines(model_trace, guide_trace)

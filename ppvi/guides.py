@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import inspect
 
-import pyro
 import torch
+
+import pyro
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoGuide, AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible as _pyro_init_to_feasible
@@ -51,7 +52,10 @@ from pyro.infer.autoguide.initialization import init_to_median
 
 from .errors import UsageError
 
-__all__ = ["auto", "standard_guides", "meanfield", "fullrank", "lowrank", "INIT_SCALE", "init_to_feasible", "init_to_median_or_feasible", "instantiate", "is_autoguide_class"]
+__all__ = [
+    "auto", "standard_guides", "meanfield", "fullrank", "lowrank", "INIT_SCALE",
+    "init_to_feasible", "init_to_median_or_feasible", "instantiate", "is_autoguide_class",
+]
 
 INIT_SCALE = 0.1  # initial sd of every unconstrained latent: small, so early steps follow the mean's gradient
 

@@ -44,9 +44,10 @@ import sys
 import types
 from pathlib import Path
 
+import torch
+
 import pyro
 import pyro.poutine as poutine
-import torch
 from pyro.infer import autoguide as pyro_autoguide
 from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import Messenger
@@ -184,7 +185,7 @@ class _ScaleDataPlate(Messenger):
                         )
                     frame = frame._replace(full_size=num_data)
                     msg["scale"] = msg["scale"] * (num_data / size)
-            elif frame.vectorized and frame.size == size and (frame.full_size is None or frame.full_size == frame.size) and self.role == "guide":
+            elif self.role == "guide" and frame.vectorized and frame.size == size and frame.full_size in (None, frame.size):
                 raise UsageError(
                     f"the guide's plate {frame.name!r} has the minibatch's size ({size}) but the model's data plate is "
                     f"{state.plate!r}: name them the same so ppvi can scale both, or fit without --batch-size."
@@ -216,7 +217,8 @@ def _find_plate(state: _Minibatch, model_call, guide_call, options) -> None:
         raise UsageError(
             f"with --batch-size, ppvi must scale the likelihood by N/B, but no vectorized plate of the data's size "
             f"({num_data}) holds the observed site(s) {', '.join(map(repr, observed)) or '(none)'}: write "
-            f'`with pyro.plate("data", len(x)):` around them (sized, vectorized: not a Python loop, a sequential plate or a plate without a size), or fit without --batch-size.'
+            f'`with pyro.plate("data", len(x)):` around them (sized, vectorized: not a Python loop, a sequential plate or a plate '
+            "without a size), or fit without --batch-size."
         )
     for name, site in model_trace.nodes.items():
         for frame in site.get("cond_indep_stack", ()):
@@ -255,7 +257,7 @@ def _modules_reached(fns) -> list[torch.nn.Module]:
 
 def _filled(cell) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
     except ValueError:  # an empty cell
         return False
     return True
@@ -342,7 +344,8 @@ class PlainPair(ModelFile):
         named like arguments, else the whole table as the first argument), a Tensor (the first
         argument), a dict (by keyword) or a tuple (positional).
         """
-        if isinstance(source, list) and source and all(isinstance(item, torch.Tensor) for item in source) and len(source) > len(self.argument_names()):
+        tensors = isinstance(source, list) and source and all(isinstance(item, torch.Tensor) for item in source)
+        if tensors and len(source) > len(self.argument_names()):
             source = torch.stack(source)  # SVI part I's `data = [torch.tensor(1.0), ...]`: one row per item
         data, self.constants = _split_data(self, _values_from(self, source))
         return data
@@ -505,7 +508,9 @@ def _module_values(pair: PlainPair, names: list[str]) -> dict:
     required = [p.name for p in _parameters(pair.model) if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     missing = [name for name in required if name not in values]
     if missing:
-        where = f"define module-level {', '.join(missing)} in {pair.path.name}, or give --data FILE.csv" if pair.namespace is not None else "pass data=..."
+        where = "pass data=..."
+        if pair.namespace is not None:
+            where = f"define module-level {', '.join(missing)} in {pair.path.name}, or give --data FILE.csv"
         raise UsageError(f"{_signature_text(pair.model, 'model')} needs {', '.join(missing)}: {where}.")
     return values
 
@@ -539,14 +544,21 @@ def _split_data(pair: PlainPair, values: dict) -> tuple[dict, dict]:
         unknown = [name for name in values if name not in known]
         if unknown:
             raise UsageError(f"data {', '.join(map(repr, unknown))} match no argument of {_signature_text(pair.model, 'model')}.")
-    values = {name: torch.as_tensor(value) if hasattr(value, "__array__") and not isinstance(value, torch.Tensor) else value for name, value in values.items()}
+    values = {
+        name: torch.as_tensor(value) if hasattr(value, "__array__") and not isinstance(value, torch.Tensor) else value
+        for name, value in values.items()
+    }
     sized = [value for value in values.values() if isinstance(value, torch.Tensor) and value.dim() >= 1]
     num_data = sized[0].shape[0] if sized else None
-    data = {name: value for name, value in values.items() if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == num_data}
+    data = {
+        name: value for name, value in values.items()
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == num_data
+    }
     constants = {name: value for name, value in values.items() if name not in data}
     for name, value in data.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise UsageError(f"data {name!r}: holds NaN or infinite values (first at row {int((~torch.isfinite(value.reshape(num_data, -1))).any(-1).nonzero()[0]) + 1}).")
+            row = int((~torch.isfinite(value.reshape(num_data, -1))).any(-1).nonzero()[0]) + 1
+            raise UsageError(f"data {name!r}: holds NaN or infinite values (first at row {row}).")
     return data, constants
 
 
@@ -628,7 +640,9 @@ def _file_guide(path: Path, namespace: dict, guide):
             return ("GUIDES", guide), guide
         if autoguide_class(guide) is not None:
             return autoguide_class(guide).__name__, autoguide_class(guide).__name__
-        raise UsageError(f"{path.name} has no guide {guide!r}: give a function the file defines, file.py:guide_fn, or one of {', '.join(AUTOGUIDES)}.")
+        raise UsageError(
+            f"{path.name} has no guide {guide!r}: give a function the file defines, file.py:guide_fn, or one of {', '.join(AUTOGUIDES)}."
+        )
     return guide, _label(guide)
 
 
@@ -649,7 +663,9 @@ def from_callables(model, guide=None) -> PlainPair:
         raise UsageError(f"model {model!r} is not callable.")
     guide = DEFAULT_AUTOGUIDE if guide is None else guide
     if isinstance(guide, str) and autoguide_class(guide) is None:
-        raise UsageError(f"unknown guide {guide!r}: give a guide function, an autoguide class or instance, or one of {', '.join(AUTOGUIDES)}.")
+        raise UsageError(
+            f"unknown guide {guide!r}: give a guide function, an autoguide class or instance, or one of {', '.join(AUTOGUIDES)}."
+        )
     files = _source_files(model)
     path = Path(files[0]) if files else Path(getattr(model, "__name__", "model"))
     try:

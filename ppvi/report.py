@@ -7,11 +7,10 @@ one it says where the values are (the run directory's ``params.pt``, ``result.pa
 
 from __future__ import annotations
 
-import math
+import torch
 
 import pyro
 import pyro.poutine as poutine
-import torch
 
 from .data import Batch
 from .pyro_util import is_baseline_state
@@ -87,4 +86,4 @@ def describe_fit(result) -> str:
                 lines.append(f"  {name}: [{pairs}]")
     if not params and not moments:
         lines.append(f"no fitted parameters to show (see {where}).")
-    return "\n".join(l for l in lines if not (isinstance(l, float) and math.isnan(l)))
+    return "\n".join(lines)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import textwrap
 
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+from conftest import run_cli
+
+import pyro
+import pyro.distributions as dist
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoNormal
@@ -17,8 +19,6 @@ from ppvi.data import Batch
 from ppvi.errors import UsageError
 from ppvi.gallery import ModelFile, load_model, load_pair
 from ppvi.pyro_util import fit_scope, rng_scope
-
-from conftest import run_cli
 
 COIN = '''
 import torch

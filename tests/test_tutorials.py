@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 import torch.distributions.constraints as constraints
+
+import pyro
+import pyro.distributions as dist
 from pyro import poutine
+from pyro.distributions.testing.fakes import NonreparameterizedBeta
 from pyro.infer import config_enumerate
 from pyro.infer.autoguide import AutoDelta
-
-from pyro.distributions.testing.fakes import NonreparameterizedBeta
 
 from ppvi import fitting
 from ppvi.gallery import load_pair
