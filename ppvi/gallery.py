@@ -170,6 +170,8 @@ def load_model(name_or_path: str | Path) -> ModelFile:
     """
     if callable(name_or_path) and not isinstance(name_or_path, (str, Path)):
         return load_pair(name_or_path)  # a plain Pyro callable, with AutoNormal by default
+    if hasattr(name_or_path, "build_pair"):
+        return name_or_path  # a ModelFile-like pair already (ppvi.plain.PlainPair)
     text = str(name_or_path)
     file_part, colon, _ = text.rpartition(":")
     if colon and file_part.endswith(".py"):
@@ -232,7 +234,7 @@ def load_pair(model, guide=None, *, seed: int = 0):
     """
     from . import plain
 
-    if isinstance(model, ModelFile):
+    if isinstance(model, ModelFile) or hasattr(model, "build_pair"):
         return model
     if callable(model) and not isinstance(model, (str, Path)):
         return plain.from_callables(model, guide)

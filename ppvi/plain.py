@@ -55,7 +55,6 @@ from pyro.poutine.util import site_is_subsample
 
 from .data import Batch
 from .errors import UsageError, user_code
-from .gallery import ModelFile
 from .guides import init_to_median_or_feasible
 from .pyro_util import data_plate, rng_scope, trace_pair
 
@@ -282,7 +281,7 @@ class _Reset:
 # ----------------------------------------------------------------------------- the pair
 
 
-class PlainPair(ModelFile):
+class PlainPair:
     """A plain Pyro model (and its guides) with the interface of :class:`~ppvi.gallery.ModelFile`.
 
     Build one with :func:`ppvi.gallery.load_pair`. ``build_pair`` returns
@@ -290,11 +289,8 @@ class PlainPair(ModelFile):
     """
 
     def __init__(self, *, name, path, sha256, loader, guide, guide_label, doc=""):
-        module = types.ModuleType(f"ppvi_plain.{name}", doc)
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "path", path)
-        object.__setattr__(self, "module", module)
-        object.__setattr__(self, "sha256", sha256)
+        self.name, self.path, self.sha256 = name, path, sha256
+        self.module = types.ModuleType(f"ppvi_plain.{name}", doc)  # model and GUIDES for fit loops that instantiate them
         self.loader = loader  # () -> (user model callable, namespace dict of the file or None)
         self.model, self.namespace = loader(first=True)
         self.guide_label = guide_label
@@ -322,6 +318,20 @@ class PlainPair(ModelFile):
 
     @property
     def options_class(self):
+        return None
+
+    @property
+    def doc(self) -> str:
+        return (self.module.__doc__ or "").strip()
+
+    @property
+    def title(self) -> str:
+        return self.doc.splitlines()[0] if self.doc else self.name
+
+    def make_options(self, values=None):
+        """Plain Pyro models take no ppvi options: their arguments come from the data."""
+        if values:
+            raise UsageError(f"model {self.name!r} is plain Pyro code and takes no options (got {', '.join(values)}).")
         return None
 
     @property
