@@ -153,14 +153,17 @@ def test_regression_minibatch_without_subsample_matches_full_batch():
     # Unscaled, each batch would count as the whole data set: sds sqrt(10) = 3.2x too wide.
     x, y = regression_data()
     mean, precision = closed_form(x, y)
-    # The sds still converge from AutoNormal's start of 0.1 after 500 steps (up to 1.7x the exact sd
-    # measured); unscaled batches would end near 3.2x: a bound of 2x tells them apart.
+    # After 500 steps the fit has not fully converged (measured: intercept 0.486 against the exact 0.537,
+    # sds up to 1.9x the exact ones, the same with and without minibatches), so the minibatch fit is
+    # held to the full-batch fit of the same length: means within 0.03 (~1 exact sd), sds within -30%/+50%.
+    # Unscaled batches would widen every sd by sqrt(200 / 20) = 3.2x.
     result = fit(regression_model, "AutoNormal", data=(x, y), batch_size=20, steps=500, lr=0.05, lr_decay=0.1, num_particles=4)
-    loc, scale = _autonormal_moments(result.params)
-    exact_sd = precision.diagonal().rsqrt()
-    assert torch.allclose(loc, mean, atol=0.06)
-    assert (scale < 2.0 * exact_sd).all() and (scale > 0.7 * exact_sd).all()
     full = fit(regression_model, "AutoNormal", data=(x, y), steps=500, lr=0.05, lr_decay=0.1, num_particles=4)
+    loc, scale = _autonormal_moments(result.params)
+    full_loc, full_scale = _autonormal_moments(full.params)
+    assert torch.allclose(loc, full_loc, atol=0.03) and torch.allclose(loc, mean, atol=0.08)
+    assert ((scale / full_scale) < 1.5).all() and ((scale / full_scale) > 0.7).all()
+    assert (scale < 2.5 * precision.diagonal().rsqrt()).all()
     # The same objective in expectation. A minibatch ELBO (20 points scaled by 10) has a step-to-step sd
     # of about 30 nats here, so the mean of the last 200 steps has sd ~2; 12 nats is 5 sd. Unscaled
     # batches would report about a tenth of the full-data log-likelihood: ~160 nats off.
