@@ -26,7 +26,7 @@ from .checkpoint import RunWriter
 from .config import FitConfig
 from .distributed import LocalComm
 from .errors import TrainingDiverged, UsageError
-from .estimators import EstimatorSettings, choose_estimator, inspect_sites, make_estimator
+from .estimators import EstimatorSettings, build, probe
 from .gallery import ModelFile, gallery_dir, load_model
 from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
 from .results import FitResult, RestartResult
@@ -124,13 +124,14 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
         if restart == 0:
             job.log_fn(f"estimator: {estimator.name} ({estimator.reason})")
             job.record.update(estimator=estimator.name, estimator_reason=estimator.reason, sites=sites,
-                              estimator_options=_relevant(estimator.name, job.estimator_settings, job.total_steps))
-            job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
+                              estimator_options=estimator.options)
         pyro.set_rng_seed(seed)  # training draws the same numbers however much the set-up drew
         store = pyro.get_param_store()
         job.comm.broadcast_([value for _, value in store.named_parameters()])  # every rank starts from rank 0's values
         optimizer = _optimizer(store, config, job.device)
-        start, elapsed, trace = job.writer.restore(restart, store, optimizer)
+        start, elapsed, trace = job.writer.restore(restart, store, optimizer)  # refuses parameters that do not fit the pair
+        if restart == 0:  # every check passed: only now does the run directory change
+            job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
         scoped = loop_needs_device_scope(model_fn, guide_fn, first, job.options, device=job.device)
         label = f"{job.model_file.name}/{config.guide}" + (f" restart {restart}" if config.restarts > 1 else "")
         task = bar.add_task(label, total=job.total_steps, completed=start, elbo="...")
@@ -276,24 +277,12 @@ def _estimator_settings(config: FitConfig) -> EstimatorSettings:
 
 
 def _build_estimator(config: FitConfig, settings: EstimatorSettings, model_fn, guide_fn, batch, options, total_steps: int):
+    """Probe the pair once (this also creates its parameters), then choose and build the estimator."""
     with pyro.validation_enabled(True):
-        sites, plate_depth = inspect_sites(model_fn, guide_fn, batch, options)  # also creates the parameters
-        name, reason = choose_estimator(config.estimator, sites, settings)
-        estimator = make_estimator(
-            name, reason, sites, model_fn, guide_fn, batch, options, num_particles=config.num_particles,
-            vectorize_particles=config.vectorize_particles, max_plate_nesting=plate_depth, settings=settings, total_steps=total_steps,
-        )
-    return estimator, [dataclasses.asdict(site) for site in sites]
-
-
-def _relevant(estimator: str, settings: EstimatorSettings, total_steps: int) -> dict:
-    """The estimator options in effect for the chosen estimator (config.json)."""
-    values = settings.resolved(total_steps)
-    if estimator == "score":
-        return {"baseline": values["baseline"]}
-    if estimator == "gumbel":
-        return {name: values[name] for name in EstimatorSettings.GUMBEL_FIELDS}
-    return {}
+        info = probe(model_fn, guide_fn, batch, options)
+        estimator = build(config.estimator, info, model_fn, guide_fn, batch, options, settings=settings,
+                          num_particles=config.num_particles, vectorize_particles=config.vectorize_particles, total_steps=total_steps)
+    return estimator, [dataclasses.asdict(site) for site in info.sites]
 
 
 def _restart_result(restart: int, seed: int, store, trace: pd.DataFrame, model_fn, guide_fn) -> RestartResult:
