@@ -23,6 +23,9 @@ def load_data_tensors(model_file, data, options, device: torch.device) -> tuple[
     if data is None or isinstance(data, (str, Path)):
         source = None if data is None else str(data)
         tensors = model_file.load_data(source, options)
+    elif getattr(model_file, "loads_in_memory", False):  # plain Pyro: tensors, dicts and tuples map to arguments
+        source = "in-memory"
+        tensors = model_file.load_data(data, options)
     else:
         source = "in-memory"
         tensors = data if isinstance(data, dict) else {"x": data}

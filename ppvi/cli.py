@@ -97,15 +97,15 @@ class FitCommand(click.Command):
         if name is not None:
             from .gallery import load_model
 
-            model_file = load_model(name)
+            model_file = load_model(name)  # a plain Pyro file too (ppvi.plain)
             options = model_file.options_class
             if options is not None:
                 hints = typing.get_type_hints(options)
                 ctx.meta["ppvi.model_options"] = [f.name for f in dataclasses.fields(options)]
                 self.params = self.params + [_model_option(f, hints) for f in dataclasses.fields(options)]
             self.help = (
-                f"Fit {model_file.name}: {model_file.title}\n\nGuides: {', '.join(model_file.guides)} "
-                f"(default {model_file.default_guide}). Options after --progress are the model's own."
+                f"Fit {model_file.name}: {model_file.title}\n\nConvention detected: {model_file.convention}.\n\n"
+                f"Guides: {', '.join(model_file.guides)} (default {model_file.default_guide}). Options after --progress are the model's own."
             )
         return super().parse_args(ctx, args)
 
@@ -249,6 +249,22 @@ def compare_command(run_dirs, out, smooth):
         plot_traces(frame, ax=figure.subplots(), smooth=smooth)
         save_figure(figure, out)
         output.print(f"wrote {out}")
+
+
+@cli.command("check")
+@click.argument("model")
+@click.option("--guide", help="Guide: a name from the file, file.py:guide_fn, or an autoguide name (AutoNormal...).")
+@click.option("--data", help="Data: FILE.csv (columns to arguments by name, else the whole table as the first), or the model's own.")
+@click.option("--batch-size", type=int, help="Also check a minibatch of this size (the scaling, or why it is refused).")
+def check_command(model, guide, data, batch_size):
+    """Load MODEL (file.py, file.py:model_fn or a gallery name) and its guide without fitting; print its sites,
+    data plate and minibatch scaling, the estimators that apply and auto's pick, and every problem (exit 2 on an error)."""
+    from .check import check
+
+    report = check(model, guide, data=data, batch_size=batch_size)
+    output.print(report.text(), soft_wrap=True)
+    if report.errors:
+        raise UsageError(f"{len(report.errors)} error(s) in {model}: {report.errors[0]}")
 
 
 @cli.command("diagnose")

@@ -39,9 +39,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, user_code
 
-__all__ = ["ModelFile", "gallery_dir", "gallery_names", "load_model"]
+__all__ = ["ModelFile", "gallery_dir", "gallery_names", "load_model", "load_pair"]
 
 
 def gallery_dir() -> Path:
@@ -65,6 +65,26 @@ class ModelFile:
     path: Path
     module: types.ModuleType
     sha256: str
+
+    convention = "ppvi model file: model(batch, options) and GUIDES"
+
+    def build_pair(self, guide_name=None, options=None, data=None):
+        """``(model_fn, guide_fn)``, both called as ``fn(batch, options)``, with fresh state.
+
+        A class (the model, or a ``GUIDES`` entry) is instantiated anew as ``Cls(options, data)``;
+        a Pyro autoguide class (``{"autonormal": AutoNormal}``) is built from the file's model; a
+        function is used as it is. Call it inside the restart's RNG scope and param store.
+        """
+        from .guides import instantiate
+
+        guide_name = guide_name or self.default_guide
+        if guide_name not in self.guides:
+            raise UsageError(f"model {self.name!r} has no guide {guide_name!r}; its guides are: {', '.join(self.guides)}.")
+        with user_code([self.path]):
+            model_fn = instantiate(self.module.model, None, options, data)
+            base = self.module.model if not isinstance(self.module.model, type) else model_fn
+            guide_fn = instantiate(self.guides[guide_name], base, options, data)
+        return model_fn, guide_fn
 
     @property
     def doc(self) -> str:
@@ -115,11 +135,6 @@ class ModelFile:
         except (ValueError, TypeError) as error:
             raise UsageError(f"model {self.name!r}: {error}") from None
 
-    def build_pair(self, guide: str, options, data: dict) -> tuple:
-        """A fresh ``(model_fn, guide_fn)``: a class in the file is instantiated as ``cls(options, data)``
-        (it may own networks or initialise from the data), a function is used as it is."""
-        return _instantiate(self.module.model, options, data), _instantiate(self.guides[guide], options, data)
-
     def load_data(self, source, options) -> dict:
         from .data import check_points, read_csv
 
@@ -141,15 +156,6 @@ class ModelFile:
         return data
 
 
-def _instantiate(component, options, data):
-    if not isinstance(component, type):
-        return component
-    try:
-        return component(options, data)
-    except ValueError as error:
-        raise UsageError(f"{component.__name__}: {error}") from None
-
-
 def _load_module(name: str, path: Path) -> types.ModuleType:
     module_name = f"ppvi_models.{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -164,8 +170,19 @@ def _load_module(name: str, path: Path) -> types.ModuleType:
 
 
 def load_model(name_or_path: str | Path) -> ModelFile:
-    """Load a gallery model by name (``"gmm"``) or a user's model file by path (``"./my_model.py"``)."""
+    """Load a gallery model by name (``"gmm"``) or a user's model file by path (``"./my_model.py"``).
+
+    A path to a plain Pyro file (``model(x)`` without ``GUIDES``), or ``"file.py:model_fn"``, gives
+    a :class:`ppvi.plain.PlainPair` (see :func:`load_pair`).
+    """
+    if callable(name_or_path) and not isinstance(name_or_path, (str, Path)):
+        return load_pair(name_or_path)  # a plain Pyro callable, with AutoNormal by default
+    if hasattr(name_or_path, "build_pair"):
+        return name_or_path  # a ModelFile-like pair already (ppvi.plain.PlainPair)
     text = str(name_or_path)
+    file_part, colon, _ = text.rpartition(":")
+    if colon and file_part.endswith(".py"):
+        return load_pair(text)
     if text.endswith(".py") or "/" in text or "\\" in text:
         path = Path(text).expanduser()
         if not path.is_file():
@@ -178,9 +195,14 @@ def load_model(name_or_path: str | Path) -> ModelFile:
         name = text
     path = path.resolve()
     try:
-        module = _load_module(name, path)
+        with user_code([path]):
+            module = _load_module(name, path)
     except SyntaxError as error:
         raise UsageError(f"model file {path}: syntax error at line {error.lineno}: {error.msg}.") from None
+    from . import plain
+
+    if not plain.is_ppvi_convention(module) and path.suffix == ".py" and name == path.stem and not str(path).startswith(str(gallery_dir())):
+        return plain.from_file(path, "model", None, first_module=module)
     for required in ("model", "GUIDES"):
         if not hasattr(module, required):
             raise UsageError(
@@ -190,3 +212,63 @@ def load_model(name_or_path: str | Path) -> ModelFile:
     if not module.GUIDES:
         raise UsageError(f"model file {path}: GUIDES is empty.")
     return ModelFile(name=name, path=path, module=module, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def load_pair(model, guide=None, *, seed: int = 0):
+    """The model/guide pair behind every way of naming one, with :class:`ModelFile`'s interface.
+
+    Parameters
+    ----------
+    model : ModelFile, str, Path or callable
+        A ModelFile (returned as it is); a gallery name (``"gmm"``); a path ``"file.py"`` or
+        ``"file.py:model_fn"``; or a Python callable with Pyro's own signature (``model(x, y=None)``).
+        A file that defines ``model(batch, options)`` and ``GUIDES`` follows ppvi's convention
+        (:class:`ModelFile`); any other file or callable is plain Pyro (:class:`ppvi.plain.PlainPair`).
+    guide : optional
+        A name in the file's ``GUIDES`` or a function the file defines; an autoguide name
+        (``"AutoNormal"``, ``"AutoDiagonalNormal"``, ``"AutoMultivariateNormal"``,
+        ``"AutoLowRankMultivariateNormal"``, ``"AutoDelta"``, ``"AutoLaplaceApproximation"``,
+        ``"AutoIAFNormal"``); an autoguide class or instance; a callable; or ``"file.py:guide_fn"``.
+        None: ppvi files take their first ``GUIDES`` entry; plain files their ``guide`` function if
+        they define one, else ``AutoNormal``; callables ``AutoNormal`` (Pyro's usual first choice).
+    seed : int
+        Seed in force while a plain file is first imported (module-level data and weights).
+
+    Returns
+    -------
+    ModelFile or PlainPair
+        ``.default_guide`` is the guide chosen here; ``.build_pair(guide_name, options, data)``.
+    """
+    from . import plain
+
+    if isinstance(model, ModelFile) or hasattr(model, "build_pair"):
+        return model
+    if callable(model) and not isinstance(model, (str, Path)):
+        return plain.from_callables(model, guide)
+    text = str(model)
+    file_part, colon, fn_name = text.rpartition(":")
+    if colon and file_part.endswith(".py"):
+        path = Path(file_part).expanduser()
+        if not path.is_file():
+            raise UsageError(f"model file {file_part!r} does not exist.")
+        return plain.from_file(path, fn_name, guide, seed=seed)
+    if text.endswith(".py") or "/" in text or "\\" in text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise UsageError(f"model file {text!r} does not exist.")
+        path = path.resolve()
+        from .pyro_util import rng_scope
+
+        with user_code([path]), rng_scope(seed):
+            module = _load_module(path.stem, path)
+        if plain.is_ppvi_convention(module):
+            model_file = ModelFile(name=path.stem, path=path, module=module, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+            return _with_guide(model_file, guide)
+        return plain.from_file(path, "model", guide, seed=seed, first_module=module)
+    return _with_guide(load_model(text), guide)
+
+
+def _with_guide(model_file: ModelFile, guide):
+    if guide is not None and guide not in model_file.guides:
+        raise UsageError(f"model {model_file.name!r} has no guide {guide!r}; its guides are: {', '.join(model_file.guides)}.")
+    return model_file

@@ -42,15 +42,80 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 import pyro
-from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
-from pyro.infer.autoguide.initialization import init_to_feasible
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide import AutoGuide, AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide.initialization import init_to_feasible as _pyro_init_to_feasible
+from pyro.infer.autoguide.initialization import init_to_median
 
 from .errors import UsageError
 
-__all__ = ["auto", "standard_guides", "meanfield", "fullrank", "lowrank", "INIT_SCALE"]
+__all__ = [
+    "auto", "standard_guides", "meanfield", "fullrank", "lowrank", "INIT_SCALE",
+    "init_to_feasible", "init_to_median_or_feasible", "instantiate", "is_autoguide_class",
+]
 
 INIT_SCALE = 0.1  # initial sd of every unconstrained latent: small, so early steps follow the mean's gradient
+
+
+def _feasible_from_support(fn) -> torch.Tensor:
+    # The point whose unconstrained value is zero, built from the support and shape alone: an
+    # improper prior (ImproperUniform) cannot be sampled, so Pyro's init_to_feasible fails on it.
+    shape = fn.batch_shape + fn.event_shape
+    transform = biject_to(fn.support)
+    return transform(torch.zeros(transform.inverse_shape(shape))).detach()
+
+
+def init_to_feasible(site=None):
+    """Pyro's ``init_to_feasible`` (unconstrained value zero), also for priors that cannot be sampled.
+
+    Works for improper priors such as ``ImproperUniform``: the point comes from the site's support
+    and shape, without drawing from the distribution.
+    """
+    if site is None:
+        return init_to_feasible
+    try:
+        return _pyro_init_to_feasible(site)
+    except NotImplementedError:
+        value = _feasible_from_support(site["fn"])
+        value._pyro_custom_init = False
+        return value
+
+
+def init_to_median_or_feasible(site=None):
+    """Pyro's default autoguide start (the prior's median, from 15 draws); the feasible point where
+    the prior cannot be sampled (an improper prior)."""
+    if site is None:
+        return init_to_median_or_feasible
+    try:
+        return init_to_median(site, fallback=None)
+    except (NotImplementedError, ValueError):
+        return init_to_feasible(site)
+
+
+def is_autoguide_class(component) -> bool:
+    """A Pyro autoguide class as the user wrote it (``AutoNormal``), not one built by :func:`auto`."""
+    return isinstance(component, type) and issubclass(component, AutoGuide) and component.__module__ != __name__
+
+
+def instantiate(component, model_fn, options, data):
+    """A ``GUIDES`` (or model) entry ready to call as ``fn(batch, options)``, with fresh state.
+
+    A Pyro autoguide class (``{"autonormal": AutoNormal}``) is built from the model file's
+    ``model`` through :func:`auto`, starting from the prior's median (the feasible point where the
+    prior is improper); another class is instantiated as ``Component(options, data)``; a function
+    is used as it is.
+    """
+    if is_autoguide_class(component):
+        component = auto(component, model_fn, init_loc_fn=init_to_median_or_feasible)
+    if not isinstance(component, type):
+        return component
+    try:
+        return component(options, data)
+    except ValueError as error:
+        raise UsageError(f"{component.__name__}: {error}") from None
 
 
 def _data_plate(batch, options):

@@ -31,7 +31,7 @@ LAYERS = [
     (
         "parts",
         {"estimators", "guides", "diagnostics", "gradvar", "evaluate", "runs", "sampling", "compare", "worked_example", "gallery",
-         "checkpoint"},
+         "checkpoint", "plain", "check", "report"},
     ),
     (
         "helpers",
