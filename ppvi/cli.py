@@ -198,9 +198,10 @@ def fit_command(ctx, model, data, out, resume, progress, trust_model, nproc, **o
     seconds = time.perf_counter() - started
     if distributed.env_rank() != 0:
         return
-    num_data = result.config["num_data"]
-    finals = ", ".join(f"{r.final_elbo:.4g} ({r.final_elbo / num_data:.4g} per point)" for r in result.restarts)
-    output.print(f"final ELBO (median of last 10% of steps): {finals}   [{result.device}, {seconds:.1f} s]")
+    from .report import describe_fit
+
+    output.print(describe_fit(result))
+    output.print(f"[{result.device}, {seconds:.1f} s]")
     summarize_fn = getattr(result.model_file.module, "summarize", None)  # optional in a model file
     if summarize_fn is not None:
         for key, value in summarize_fn(result).items():

@@ -27,7 +27,7 @@ from .config import FitConfig
 from .distributed import LocalComm
 from .errors import TrainingDiverged, UsageError
 from .estimators import EstimatorSettings, build, probe
-from .gallery import ModelFile, gallery_dir, load_model
+from .gallery import ModelFile, gallery_dir, load_pair
 from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
 from .results import FitResult, RestartResult
 from .runs import resolve_model
@@ -44,13 +44,16 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
 
     Parameters
     ----------
-    model : str or Path or ModelFile
-        A gallery name (``"gmm"``) or the path of a model file.
-    guide : str, optional
-        A name from the file's ``GUIDES``; default its first entry.
-    data : None, str, Tensor or dict of Tensor
-        None for the model's built-in data, a ``--data`` string (file, folder, ``synthetic:...``)
-        or tensors with one data point per row.
+    model : str, Path, callable or ModelFile
+        A gallery name (``"gmm"``), a file (a ppvi model file, or plain Pyro: ``"file.py"``,
+        ``"file.py:model_fn"``), or a Pyro model callable with its own signature (``model(x, y=None)``).
+    guide : str, callable or autoguide, optional
+        A name from the file's ``GUIDES``, an autoguide name (``"AutoNormal"``), class or instance,
+        a guide callable, or ``"file.py:guide_fn"``; default: the file's first guide, else AutoNormal.
+    data : None, str, Tensor, dict or tuple
+        None for the model's built-in (or module-level) data, a ``--data`` string (file, folder,
+        ``synthetic:...``), or tensors with one data point per row: a tensor (the first argument),
+        a dict (keyword arguments) or a tuple (positional arguments).
     options : dict or the model's Options, optional
         Model options (``{"num_components": 3}``).
     out, resume : path, bool
@@ -60,11 +63,11 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     **settings
         The fit options of :class:`~ppvi.config.FitConfig` (``estimator``, ``steps``, ``lr``, ``seed``, ``restarts`` ...).
     """
-    config = FitConfig.from_options(guide=guide, **settings)
-    model_file = model if isinstance(model, ModelFile) else load_model(model)
-    guide = config.guide or model_file.default_guide
-    if guide not in model_file.guides:
-        raise UsageError(f"model {model_file.name!r} has no guide {guide!r}; its guides are: {', '.join(model_file.guides)}.")
+    config = FitConfig.from_options(guide=guide if isinstance(guide, str) else None, **settings)
+    model_file = load_pair(model, guide, seed=config.seed)  # a gallery name, a file, or Pyro callables
+    guide = config.guide if config.guide in model_file.guides else model_file.default_guide
+    if config.guide is not None and guide != config.guide and hasattr(model, "build_pair"):
+        raise UsageError(f"model {model_file.name!r} has no guide {config.guide!r}; its guides are: {', '.join(model_file.guides)}.")
     estimator_settings = _estimator_settings(config)
     config = dataclasses.replace(config.resolve(model_file.fit_defaults), guide=guide)
     options = model_file.make_options(options)
@@ -316,7 +319,7 @@ def _settings_differ(old: dict, config: FitConfig) -> list[str]:
 def _record(model_file, config: FitConfig, options, source, batches: Batches, total_steps: int, device: torch.device) -> dict:
     """config.json: the settings (to rerun) and what they resolved to (to read)."""
     return {
-        "model": model_file.name if model_file.path.parent == gallery_dir() else str(model_file.path),
+        "model": model_file.name if Path(model_file.path).parent == gallery_dir() else str(model_file.path),
         "model_path": str(model_file.path),
         "model_sha256": model_file.sha256,
         "settings": config.to_dict(),

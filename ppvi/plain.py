@@ -290,7 +290,7 @@ class PlainPair:
 
     def __init__(self, *, name, path, sha256, loader, guide, guide_label, doc=""):
         self.name, self.path, self.sha256 = name, path, sha256
-        self.module = types.ModuleType(f"ppvi_plain.{name}", doc)  # model and GUIDES for fit loops that instantiate them
+        self.module = types.ModuleType(f"ppvi_plain.{name}", doc)  # a plain file defines no ppvi hooks (summarize ...)
         self.loader = loader  # () -> (user model callable, namespace dict of the file or None)
         self.model, self.namespace = loader(first=True)
         self.guide_label = guide_label
@@ -299,7 +299,6 @@ class PlainPair:
             self._guides.setdefault(extra, extra)
         self.constants: dict = {}
         self._last = None
-        _install_compat(self)
 
     def __repr__(self) -> str:
         return f"PlainPair({self.name!r}, guide={self.guide_label!r})"
@@ -309,8 +308,8 @@ class PlainPair:
 
     @property
     def guides(self) -> dict:
-        """Guide name -> an entry today's fit loop can instantiate; use :meth:`build_pair` instead."""
-        return dict(self.module.GUIDES)
+        """Guide name -> what :meth:`build_pair` builds for it."""
+        return dict(self._guides)
 
     @property
     def default_guide(self) -> str:
@@ -627,7 +626,6 @@ def from_file(path: Path, model_name: str = "model", guide=None, *, seed: int = 
     others.update({name: ("file", name) for name, value in namespace.items() if "guide" in name.lower() and inspect.isfunction(value)})
     for name, other in others.items():
         pair._guides.setdefault(name, other)
-    _install_compat(pair)
     return pair
 
 
@@ -686,28 +684,3 @@ def from_callables(model, guide=None) -> PlainPair:
         name=getattr(model, "__name__", type(model).__name__), path=path, sha256=hashlib.sha256(source.encode()).hexdigest(),
         loader=lambda first=False: (model, None), guide=guide, guide_label=_label(guide), doc=inspect.getdoc(model) or "",
     )
-
-
-# ----------------------------------------------------------------------------- today's fit
-
-
-def _install_compat(pair: PlainPair) -> None:
-    """Let today's ``ppvi.fit.fit`` (which instantiates ``module.model`` and ``guides[name]`` as
-    ``Cls(options, data)``) build fresh pairs through :meth:`PlainPair.build_pair`."""
-
-    class model:  # noqa: N801 - read as module.model
-        def __new__(cls, options, data):
-            return pair.build_pair(pair.guide_label, options, data)[0]
-
-    pair.module.model = model
-    pair.module.GUIDES = {name: _compat_guide(pair, name) for name in pair._guides}
-
-
-def _compat_guide(pair: PlainPair, name: str):
-    class guide:  # noqa: N801
-        def __new__(cls, options, data):
-            if name == pair.guide_label and pair._last is not None:
-                return pair._last[1]
-            return pair.build_pair(name, options, data)[1]
-
-    return guide

@@ -65,7 +65,9 @@ def describe_fit(result) -> str:
     lines = []
     for restart in result.restarts:
         best = " (best)" if restart is result.best and len(result.restarts) > 1 else ""
-        lines.append(f"restart {restart.restart} (seed {restart.seed}): final ELBO {restart.final_elbo:.6g}{best}")
+        per_point = restart.final_elbo / result.config["num_data"] if result.config.get("num_data") else float("nan")
+        lines.append(f"restart {restart.restart} (seed {restart.seed}): final ELBO {restart.final_elbo:.6g} "
+                     f"({per_point:.4g} per point; median of the last 10% of steps){best}")
     params = _fitted(result.params or {})
     count = sum(value.numel() for value in params.values())
     where = f"{result.run_dir}/params.pt" if result.run_dir is not None else "result.params"
