@@ -197,12 +197,21 @@ class Stationarity:
             return None
         if self.num_averaged < self.min_window:
             return None
-        ess, mcse = mcse_of_mean(self._recent(self.stationary_step))
+        ess, mcse = self._mcse()
         relative = mcse / self._scales()
         self.last_mcse = float(np.max(relative))
         if self.last_mcse < self.mcse_threshold and float(np.min(ess)) >= self.min_window / 10:
             self.stopped = Decision(step, f"converged at step {step + 1} (R-hat {self.last_rhat:.3f} from step {self.stationary_step}, MCSE/scale {self.last_mcse:.3f} over {self.num_averaged} averaged iterates)")
         return self.stopped
+
+    def _mcse(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ess, mcse)`` of the running average: the buffer (the latest averaged iterates, up to its
+        capacity) gives the variance and the ESS per iterate, which is scaled to all averaged iterates."""
+        recent = self._recent(self.stationary_step)
+        ess, _ = mcse_of_mean(recent)
+        ess = ess / len(recent) * self.num_averaged  # ESS per iterate times the iterates averaged
+        variance = recent.var(axis=0, ddof=1)
+        return ess, np.sqrt(variance / ess)
 
     def _check_stationary(self, step: int) -> None:
         available = min(self.count, self.buffer.shape[0])
@@ -239,7 +248,7 @@ class Stationarity:
         if not self.num_averaged:
             return {}, {}
         params = {name: self.sum[name] / self.num_averaged for name in self.names}
-        _, mcse = mcse_of_mean(self._recent(self.stationary_step))
+        _, mcse = self._mcse()
         full = np.full(int(self.offsets[-1]), np.nan)
         full[slice(None) if self.tracked is None else self.tracked.cpu().numpy()] = mcse
         return params, {name: full[self.offsets[i] : self.offsets[i + 1]].reshape(self.shapes[name]) for i, name in enumerate(self.names)}
