@@ -82,7 +82,7 @@ from pyro.infer import JitTraceMeanField_ELBO, TraceMeanField_ELBO
 import ppvi
 import ppvi.estimators
 from ppvi.evaluate import evaluate
-from ppvi.fit import _Batches  # the same batch stream as ppvi's loop
+from ppvi.batching import Batches  # the same batch stream as ppvi's loop
 from ppvi.images import load_mnist, write_idx
 from ppvi.losses import MeanFieldELBO
 
@@ -164,7 +164,7 @@ def train_hand(x, epochs, seed, device, sync):
     decoder = VAE.MLPDecoder(LATENT, HIDDEN, 784).to(device)
     encoder = VAE.MLPEncoder(LATENT, HIDDEN, 784).to(device)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=LR)
-    batches = _Batches(x.shape[0], BATCH, seed, device)
+    batches = Batches(x.shape[0], BATCH, seed, device)
 
     def step(xb):
         loss = hand_loss(encoder, decoder, xb, x.shape[0])
@@ -223,7 +223,7 @@ def train_pyro(x, epochs, seed, device, sync, jit):
     else:
         elbo = TraceMeanField_ELBO(max_plate_nesting=1)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=LR)
-    batches = _Batches(x.shape[0], BATCH, seed, device)
+    batches = Batches(x.shape[0], BATCH, seed, device)
 
     def step(xb):
         elbo.differentiable_loss(model, guide, xb, torch.bernoulli(xb)).backward()

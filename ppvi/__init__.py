@@ -14,7 +14,8 @@ from .data import Batch
 from .errors import DataError, TrainingDiverged, UsageError
 from .evaluate import elbo_per_point, evaluate, iwae_bound, log_weights, score
 from .estimators import ESTIMATORS, EstimatorSettings, choose_estimator, inspect_sites
-from .fit import FitResult, RestartResult, fit, resolve_device, resume
+from .fitting import FitResult, RestartResult, fit, resolve_device, resume
+from .config import FitConfig
 from .gallery import gallery_names, load_model
 from .gradvar import gradient_variance, plot_gradient_variance
 from .guides import auto, standard_guides
@@ -41,6 +42,7 @@ __all__ = [
     "DataError",
     "ESTIMATORS",
     "EstimatorSettings",
+    "FitConfig",
     "FitResult",
     "RestartResult",
     "TrainingDiverged",

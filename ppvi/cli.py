@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -22,13 +23,6 @@ from .errors import TrainingDiverged, UsageError
 
 console = Console(stderr=True, highlight=False, markup=False)  # messages hold paths and [brackets], not markup
 output = Console(highlight=False, markup=False)
-
-FIT_VALUE_OPTIONS = {
-    "--guide", "--estimator", "--data", "--steps", "--epochs", "--batch-size", "--lr",
-    "--lr-decay", "--num-particles", "--device", "--seed", "--restarts", "--out", "--resume", "--checkpoint-every",
-    "--baseline", "--temperature", "--anneal-rate", "--min-temperature",
-}
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ppvi")
@@ -75,11 +69,11 @@ def _find_model_argument(args: list[str]) -> str | None:
     """
     from .gallery import gallery_names
 
-    skip, words = False, []
+    skip, words, value_options = False, [], _fit_value_options()
     for arg in args:
         if skip:
             skip = False
-        elif arg in FIT_VALUE_OPTIONS:
+        elif arg in value_options:
             skip = True
         elif not arg.startswith("-"):
             words.append(arg)
@@ -108,39 +102,74 @@ class FitCommand(click.Command):
                 self.params = self.params + [_model_option(f, hints) for f in dataclasses.fields(options)]
             self.help = (
                 f"Fit {model_file.name}: {model_file.title}\n\nGuides: {', '.join(model_file.guides)} "
-                f"(default {model_file.default_guide}). Options after --checkpoint-every are the model's own."
+                f"(default {model_file.default_guide}). Options after --progress are the model's own."
             )
         return super().parse_args(ctx, args)
 
 
+def _fit_config_options(command):
+    """``ppvi fit``'s options, generated from :class:`~ppvi.config.FitConfig` (the one list of fit options)."""
+    from .config import FitConfig
+
+    hints = typing.get_type_hints(FitConfig)
+    for item in reversed([item for item in dataclasses.fields(FitConfig) if item.metadata.get("cli", True)]):
+        command = _config_option(item, hints[item.name])(command)
+    return command
+
+
+def _config_option(item: dataclasses.Field, kind):
+    flag = "--" + item.name.replace("_", "-")
+    base = typing.get_args(kind)[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
+    default = item.default if item.default is not dataclasses.MISSING else None
+    show = default is not None
+    if base is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", item.name, default=None, help=item.metadata["help"])
+    if typing.get_origin(base) is tuple:
+        return click.option(flag, item.name, type=_NUMBERS, default=default, help=item.metadata["help"])
+    click_type = {int: click.INT, float: click.FLOAT}.get(base, click.STRING)
+    return click.option(flag, item.name, type=click_type, default=default, show_default=show, help=item.metadata["help"])
+
+
+class _Numbers(click.ParamType):
+    name = "B1,B2"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+_NUMBERS = _Numbers()
+
+
+def _fit_value_options() -> set:
+    """The fit options that take a value (so that the word after them is not MODEL)."""
+    from .config import FitConfig
+
+    hints = typing.get_type_hints(FitConfig)
+    flags = {"--" + item.name.replace("_", "-") for item in dataclasses.fields(FitConfig) if hints[item.name] not in (bool, bool | None)}
+    return flags | {"--data", "--out", "--resume"}
+
+
 @cli.command("fit", cls=FitCommand)
 @click.argument("model", required=False)
-@click.option("--guide", help="Guide name from the model file (default: its first).")
-@click.option("--estimator", default="auto", show_default=True, help="auto, reparam, score, enum, gumbel or iwae.")
-@click.option("--baseline", help="Score-function baseline: none, average or neural (default neural; --estimator score only).")
-@click.option("--temperature", type=float, help="Gumbel-softmax initial temperature (default 1.0; --estimator gumbel only).")
-@click.option("--anneal-rate", type=float, help="Gumbel-softmax: tau = max(min, temperature * exp(-rate * step)) (default: reach the floor at mid-fit).")
-@click.option("--min-temperature", type=float, help="Gumbel-softmax temperature floor (default 0.5).")
-@click.option("--straight-through/--no-straight-through", default=None, help="Gumbel-softmax straight-through: discrete forward, relaxed backward.")
+@_fit_config_options
 @click.option("--data", help="Data: FILE.csv, a folder, or synthetic:n=...,k=...; default: the model's built-in data.")
-@click.option("--steps", type=int, help="Optimizer steps (default from the model file).")
-@click.option("--epochs", type=int, help="Passes over the data (instead of --steps).")
-@click.option("--batch-size", type=int, help="Minibatch size (default: full batch).")
-@click.option("--lr", type=float, help="Adam learning rate (default from the model file).")
-@click.option("--lr-decay", type=float, help="Decay the learning rate by this factor over the fit (e.g. 0.1).")
-@click.option("--num-particles", type=int, help="Samples per ELBO estimate (default from the model file, else 1); K for iwae (default 5).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; restart r uses seed + r.")
-@click.option("--restarts", type=int, default=1, show_default=True, help="Independent fits from different seeds.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/MODEL-GUIDE-TIME).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the interrupted run in this directory.")
-@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (default: about every 10 s).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.pass_context
-def fit_command(ctx, model, guide, estimator, baseline, temperature, anneal_rate, min_temperature, straight_through, data, steps, epochs, batch_size, lr, lr_decay, num_particles, device, seed, restarts, out, resume, checkpoint_every, progress, **model_options):
+def fit_command(ctx, model, data, out, resume, progress, **options):
     """Fit MODEL (a gallery name or a path to a .py file); `ppvi fit MODEL --help` lists its options."""
-    from .fit import fit, resume as resume_run
+    from .config import FitConfig
+    from .fitting import fit, resume as resume_run
 
+    settings = {name: options.pop(name) for name in [item.name for item in dataclasses.fields(FitConfig)] if name in options}
+    model_options = options
+    guide = settings.pop("guide")
     progress = sys.stderr.isatty() if progress is None else progress
     started = time.perf_counter()
     if resume is not None:
@@ -155,12 +184,7 @@ def fit_command(ctx, model, guide, estimator, baseline, temperature, anneal_rate
             out = Path("runs") / f"{stem}-{guide or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
             while out.exists():
                 out = out.with_name(out.name + "_")
-        result = fit(
-            model, guide=guide, estimator=estimator, baseline=baseline, temperature=temperature, anneal_rate=anneal_rate,
-            min_temperature=min_temperature, straight_through=straight_through, data=data, options=model_options, steps=steps, epochs=epochs,
-            batch_size=batch_size, lr=lr, lr_decay=lr_decay, num_particles=num_particles, device=device, seed=seed, restarts=restarts,
-            out=out, checkpoint_every=checkpoint_every, progress=progress, log_fn=console.print,
-        )
+        result = fit(model, guide, data=data, options=model_options, out=out, progress=progress, log_fn=console.print, **settings)
     seconds = time.perf_counter() - started
     num_data = result.config["num_data"]
     finals = ", ".join(f"{r.final_elbo:.4g} ({r.final_elbo / num_data:.4g} per point)" for r in result.restarts)

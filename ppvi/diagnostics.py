@@ -69,7 +69,7 @@ from pyro.poutine.util import site_is_subsample
 from . import rundir
 from .errors import UsageError
 from .estimators import ENUM_MAX_SUPPORT
-from .fit import FitResult, RestartResult
+from .results import FitResult, RestartResult
 from .runs import full_batch, load_run, restart_params, rng_scope
 
 with warnings.catch_warnings():  # ArviZ announces its refactor once a day on import

@@ -52,7 +52,7 @@ import torch
 
 from .data import Batch
 from .errors import UsageError
-from .fit import FitResult
+from .results import FitResult
 from .runs import load_run, restart_params, rng_scope
 
 __all__ = ["log_weights", "iwae_bound", "elbo_per_point", "evaluate", "score", "load_eval_data"]

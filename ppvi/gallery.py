@@ -108,6 +108,11 @@ class ModelFile:
         except (ValueError, TypeError) as error:
             raise UsageError(f"model {self.name!r}: {error}") from None
 
+    def build_pair(self, guide: str, options, data: dict) -> tuple:
+        """A fresh ``(model_fn, guide_fn)``: a class in the file is instantiated as ``cls(options, data)``
+        (it may own networks or initialise from the data), a function is used as it is."""
+        return _instantiate(self.module.model, options, data), _instantiate(self.guides[guide], options, data)
+
     def load_data(self, source, options) -> dict:
         from .data import check_points, read_csv
 
@@ -127,6 +132,15 @@ class ModelFile:
             if value.is_floating_point():
                 check_points(value.reshape(value.shape[0], -1), name=f"data {name!r}", min_rows=1)
         return data
+
+
+def _instantiate(component, options, data):
+    if not isinstance(component, type):
+        return component
+    try:
+        return component(options, data)
+    except ValueError as error:
+        raise UsageError(f"{component.__name__}: {error}") from None
 
 
 def _load_module(name: str, path: Path) -> types.ModuleType:

@@ -61,7 +61,8 @@ def _targets(store) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
     """Yield (model_fn, guide_fn, batch, options, label) with the parameters in the param store."""
-    from .fit import _Batches, _batch, _instantiate, load_data_tensors, resolve_device
+    from .batching import Batches, batch_at, load_data_tensors
+    from .pyro_util import resolve_device
     from .gallery import load_model
     from .runs import load_run, restart_params
 
@@ -71,10 +72,10 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
         batch_size = batch_size or result.config.get("batch_size")
         with restart_params(result, chosen):
             num_data = result.config["num_data"]
-            batches = _Batches(num_data, batch_size, seed, next(iter(result.data.values())).device)
-            batch = _batch(result.data, batches.index(0), num_data, batches.batch_size is None)
-            stream = _Batches(num_data, batch_size, seed + 1, batch.index.device)
-            sample = lambda step: _batch(result.data, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
+            batches = Batches(num_data, batch_size, seed, next(iter(result.data.values())).device)
+            batch = batch_at(result.data, batches.index(0), num_data, batches.batch_size is None)
+            stream = Batches(num_data, batch_size, seed + 1, batch.index.device)
+            sample = lambda step: batch_at(result.data, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
             yield chosen.model_fn, chosen.guide_fn, batch, result.options, f"{run} (restart {chosen.restart})", sample
         return
     model_file = load_model(model)
@@ -90,13 +91,12 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
     with store.scope(), (torch.device(torch_device) if torch_device.type != "cpu" else contextlib.nullcontext()):
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
-        model_fn = _instantiate(model_file.module.model, options, tensors)
-        guide_fn = _instantiate(model_file.guides[guide], options, tensors)
-        batches = _Batches(num_data, batch_size, seed, torch_device)
-        batch = _batch(tensors, batches.index(0), num_data, batches.batch_size is None)
+        model_fn, guide_fn = model_file.build_pair(guide, options, tensors)
+        batches = Batches(num_data, batch_size, seed, torch_device)
+        batch = batch_at(tensors, batches.index(0), num_data, batches.batch_size is None)
         inspect_sites(model_fn, guide_fn, batch, options)  # creates the parameters, seeded
-        stream = _Batches(num_data, batch_size, seed + 1, torch_device)
-        sample = lambda step: _batch(tensors, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
+        stream = Batches(num_data, batch_size, seed + 1, torch_device)
+        sample = lambda step: batch_at(tensors, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
         yield model_fn, guide_fn, batch, options, f"{model_file.name}/{guide} at its initial parameters (seed {seed})", sample
 
 

@@ -22,6 +22,7 @@ from .errors import UsageError
 __all__ = [
     "BASELINE_PREFIXES",
     "device_scope",
+    "resolve_device",
     "fit_scope",
     "is_baseline_state",
     "positive",
@@ -31,6 +32,8 @@ __all__ = [
     "trace_pair",
     "trainable_params",
     "unwrap",
+    "data_plate",
+    "loop_needs_device_scope",
 ]
 
 # Score-function baselines live in the param store: Pyro's decaying averages ("__baseline...") and
@@ -114,7 +117,8 @@ def finite(name: str, value, *, kind=float, low: float | None = None, high: floa
     if kind is int and int(value) != value:
         raise UsageError(f"--{name} must be an integer (got {value!r}).")
     if low is not None and (value < low or (open_low and value == low)):
-        raise UsageError(f"--{name} must be {'>' if open_low else '>='} {low:g} (got {value!r}).")
+        bound = f"a non-negative {word[2:] if kind is int else 'number'}" if low == 0 and not open_low else f"{'>' if open_low else '>='} {low:g}"
+        raise UsageError(f"--{name} must be {bound} (got {value!r}).")
     if high is not None and value > high:
         raise UsageError(f"--{name} must be <= {high:g} (got {value!r}).")
     return kind(value)
@@ -143,3 +147,56 @@ def data_plate(model_trace, num_data: int) -> str | None:
             if frame.vectorized and frame.size == num_data and frame.name not in found:
                 found.append(frame.name)
     return found[0] if found else None
+
+
+def _tensors_of(fn) -> list:
+    found = []
+    while fn is not None:
+        found += [value for value in vars(fn).values() if isinstance(value, torch.Tensor)]
+        fn = getattr(fn, "base_dist", None)
+    return found
+
+
+def loop_needs_device_scope(model_fn, guide_fn, *args, device: torch.device) -> bool:
+    """On CUDA, whether a training loop must keep the ``torch.device`` mode of :func:`device_scope`.
+
+    The mode sends factory calls in model code (``torch.zeros(3)``, ``dist.Normal(0., 1.)``) to the
+    GPU, at the price of Python dispatch on every torch call: 0.8 ms of a 4.2 ms VAE step on an
+    H200. One probe run of guide and model without it says whether every sample site's value and
+    distribution tensors land on the GPU anyway; if one lands on the CPU, or the run fails, the loop
+    keeps the mode. (Set-up, where networks and parameters are created, always runs inside it.)
+    """
+    if torch.device(device).type == "cpu":
+        return False
+    try:
+        with torch.no_grad(), poutine.block():
+            model_trace, guide_trace = trace_pair(model_fn, guide_fn, *args)
+    except Exception:  # a device mismatch, typically: the model needs the mode
+        return True
+    tensors = [
+        tensor
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for tensor in [site["value"], *_tensors_of(site["fn"])]
+        if isinstance(tensor, torch.Tensor)
+    ]
+    return any(tensor.device.type != torch.device(device).type for tensor in tensors)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is CUDA when PyTorch sees a GPU, else CPU; ``cuda`` without a GPU is a usage error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: PyTorch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); use --device cpu or auto.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use auto, cpu or cuda.")
+    return resolved

@@ -18,12 +18,12 @@ from typing import Iterator
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.util import get_rng_state, set_rng_state
 
 from . import rundir
 from .data import Batch
 from .errors import UsageError
-from .fit import FitResult, RestartResult, _instantiate  # one rule for building model and guide classes
+from .pyro_util import rng_scope
+from .results import FitResult, RestartResult
 from .gallery import load_model
 
 __all__ = ["load_run", "restart_params", "full_batch", "rng_scope"]
@@ -104,8 +104,7 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
     restarts = []
     for index, snapshot in enumerate(snapshots):
         with rng_scope(snapshot["seed"]):  # guides may initialise from the data (k-means): keep it reproducible
-            model_fn = _instantiate(model_file.module.model, options, data)
-            guide_fn = _instantiate(model_file.guides[guide], options, data)
+            model_fn, guide_fn = model_file.build_pair(guide, options, data)
         restarts.append(
             RestartResult(
                 restart=index,
@@ -138,18 +137,6 @@ def full_batch(result: FitResult) -> Batch:
     num_data = next(iter(result.data.values())).shape[0]
     index = torch.arange(num_data, device=next(iter(result.data.values())).device)
     return Batch(result.data, index, num_data)
-
-
-@contextlib.contextmanager
-def rng_scope(seed: int | None = None) -> Iterator[None]:
-    """Seed torch, numpy and random for a block (when ``seed`` is given), then restore their states."""
-    state = get_rng_state()
-    try:
-        if seed is not None:
-            pyro.set_rng_seed(seed)
-        yield
-    finally:
-        set_rng_state(state)
 
 
 @contextlib.contextmanager

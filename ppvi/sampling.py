@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .fit import FitResult
+from .results import FitResult
 from .runs import load_run, restart_params, rng_scope
 
 __all__ = [

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import ppvi
-from ppvi.fit import _Batches
+from ppvi.batching import Batches
 
 
 @pytest.mark.parametrize("num_data, batch_size", [(10, 4), (10, 3), (7, 7), (100, 1)])
 def test_minibatches_visit_every_point_once_per_epoch(num_data, batch_size):
-    batches = _Batches(num_data, batch_size, seed=0, device=torch.device("cpu"))
+    batches = Batches(num_data, batch_size, seed=0, device=torch.device("cpu"))
     epochs = 3
     steps = epochs * num_data // batch_size
     stream = torch.cat([batches.index(step) for step in range(steps)])
@@ -19,10 +19,10 @@ def test_minibatches_visit_every_point_once_per_epoch(num_data, batch_size):
 
 
 def test_minibatch_of_a_step_depends_only_on_seed_and_step():
-    first = _Batches(50, 8, seed=3, device=torch.device("cpu"))
-    again = _Batches(50, 8, seed=3, device=torch.device("cpu"))
+    first = Batches(50, 8, seed=3, device=torch.device("cpu"))
+    again = Batches(50, 8, seed=3, device=torch.device("cpu"))
     assert torch.equal(first.index(17), again.index(17))  # what makes --resume exact
-    assert not torch.equal(first.index(17), _Batches(50, 8, seed=4, device=torch.device("cpu")).index(17))
+    assert not torch.equal(first.index(17), Batches(50, 8, seed=4, device=torch.device("cpu")).index(17))
 
 
 def test_auto_device_is_cpu_without_a_gpu():
@@ -36,3 +36,25 @@ def test_result_carries_estimator_reason_seed_and_config():
     assert result.seed == 5 and result.config["seed"] == 5
     assert list(result.elbo_trace.columns) == ["restart", "step", "epoch", "elbo", "time_s"]
     assert len(result.elbo_trace) == 20
+
+
+def test_fit_leaves_the_callers_param_store_and_rng_as_they_were():
+    import pyro
+
+    pyro.clear_param_store()
+    pyro.param("callers_own", torch.tensor(3.0))
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    ppvi.fit("normal_normal", steps=20, restarts=2, device="cpu", seed=7)
+    assert list(pyro.get_param_store().keys()) == ["callers_own"]
+    assert torch.equal(torch.rand(3), expected_draw)  # the global RNG was not reseeded by the fit
+
+
+def test_fit_config_is_written_once_and_read_back(tmp_path):
+    from ppvi.config import FitConfig
+    from ppvi.rundir import read_config
+
+    ppvi.fit("normal_normal", steps=10, lr=0.05, betas=(0.8, 0.99), device="cpu", out=tmp_path / "run")
+    settings = FitConfig.from_dict(read_config(tmp_path / "run")["settings"])
+    assert settings.lr == 0.05 and settings.betas == (0.8, 0.99) and settings.steps == 10

@@ -53,7 +53,7 @@ def test_the_fit_loop_syncs_only_when_reading_its_elbo_buffer(model):
     # Set-up (k-means, the probe trace) may sync freely; ppvi's loop reads its ELBO buffer back once
     # per SYNC_EVERY steps. So 200 extra steps may add 200 / SYNC_EVERY syncs from ppvi's own code
     # (plus the final checkpoint's), never one per step.
-    from ppvi.fit import SYNC_EVERY
+    from ppvi.fitting import SYNC_EVERY
 
     extra = _extra_syncs(model)
     print(f"{model}: extra synchronisations for 200 extra steps, by source: {extra}")
@@ -104,7 +104,7 @@ def test_cli_fit_on_cuda_writes_a_complete_run_directory(tmp_path, cli):
 def test_estimators_run_on_the_gpu_without_per_step_syncs_in_ppvi(model, options):
     # Every parameter (baseline networks included) on the GPU, and ppvi's own code (the gumbel and
     # iwae losses, the neural baseline, the loop) adds no synchronisation per step.
-    from ppvi.fit import SYNC_EVERY
+    from ppvi.fitting import SYNC_EVERY
 
     result = ppvi.fit(model, steps=60, device="cuda", **options)
     assert all(value.device.type == "cuda" for value in result.best.unconstrained.values())

@@ -1,0 +1,153 @@
+"""Every fit option in one place: :class:`FitConfig`, a frozen dataclass with defaults and checks.
+
+The Python API (``ppvi.fit(model, **options)``), the command line (``ppvi fit``'s
+options are generated from the fields below), config.json (``"settings"``) and
+``--resume`` all read this one list. A field's metadata holds its help text;
+``cli=False`` keeps it off the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .pyro_util import finite, positive
+
+__all__ = ["FitConfig", "DEFAULT_STEPS", "DEFAULT_LR", "IWAE_DEFAULT_PARTICLES", "RESUME_MAY_CHANGE"]
+
+DEFAULT_STEPS, DEFAULT_LR = 1000, 0.01
+IWAE_DEFAULT_PARTICLES = 5  # K for --estimator iwae without --num-particles (Burda et al. 2016 report k = 5 and 50)
+MAX_SEED = 2**32 - 1  # pyro.set_rng_seed seeds NumPy too, whose seeds are 32-bit
+# Settings a resumed run may change without changing what it computes.
+RESUME_MAY_CHANGE = ("device", "checkpoint_every", "threads")
+
+
+def _option(default=None, help: str = "", cli: bool = True):
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """The options of one fit. None means "the model file's default, else ppvi's" (see :meth:`resolve`).
+
+    Checked on construction: a bad value is a :class:`~ppvi.errors.UsageError` before any data is read.
+    """
+
+    guide: str | None = _option(help="Guide: a name from the model file (default: its first), or an autoguide name such as AutoNormal.")
+    estimator: str = _option("auto", "auto, reparam, score, enum, gumbel or iwae.")
+    baseline: str | None = _option(help="Score-function baseline: none, average or neural (default neural; --estimator score only).")
+    temperature: float | None = _option(help="Gumbel-softmax initial temperature (default 1.0; --estimator gumbel only).")
+    anneal_rate: float | None = _option(help="Gumbel-softmax: tau = max(min, temperature * exp(-rate * step)) (default: reach the floor at mid-fit).")
+    min_temperature: float | None = _option(help="Gumbel-softmax temperature floor (default 0.5).")
+    straight_through: bool | None = _option(help="Gumbel-softmax straight-through: discrete forward, relaxed backward.")
+    steps: int | None = _option(help="Optimizer steps (default from the model file, else 1000).")
+    epochs: int | None = _option(help="Passes over the data (instead of --steps).")
+    batch_size: int | None = _option(help="Minibatch size (default: full batch).")
+    lr: float | None = _option(help="Adam learning rate (default from the model file, else 0.01).")
+    lr_decay: float | None = _option(help="Decay the learning rate by this factor over the fit (e.g. 0.1), as ClippedAdam's lrd.")
+    betas: tuple[float, float] | None = _option(help="Adam's betas as B1,B2 (default 0.9,0.999; Pyro's tutorials use e.g. 0.8,0.99).")
+    clip_norm: float | None = _option(help="Clamp every gradient element to [-C, C] before the Adam step, as Pyro's ClippedAdam clip_norm does.")
+    num_particles: int | None = _option(help="Samples per ELBO estimate (default from the model file, else 1); K for iwae (default 5).")
+    vectorize_particles: bool | None = _option(help="Draw the particles in one vectorized pass.", cli=False)
+    device: str = _option("auto", "auto (CUDA when present), cpu or cuda.")
+    seed: int = _option(0, "Random seed; restart r uses seed + r.")
+    restarts: int = _option(1, "Independent fits from different seeds.")
+    checkpoint_every: int | None = _option(help="Steps between checkpoints (default: about every 10 s).")
+
+    def __post_init__(self):
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("give --steps or --epochs, not both.")
+        for name in ("steps", "epochs", "batch_size", "num_particles", "restarts", "checkpoint_every"):
+            positive(name.replace("_", "-"), getattr(self, name))
+        for name in ("lr", "lr_decay", "clip_norm", "temperature", "min_temperature"):
+            positive(name.replace("_", "-"), getattr(self, name), kind=float)
+        finite("anneal-rate", self.anneal_rate, low=0.0)
+        finite("seed", self.seed, kind=int, low=0, high=MAX_SEED - self.restarts + 1)
+        if self.betas is not None:
+            if len(self.betas) != 2:
+                raise UsageError(f"--betas takes two numbers B1,B2 (got {self.betas!r}).")
+            for beta in self.betas:
+                finite("betas", beta, low=0.0)
+                if beta >= 1:
+                    raise UsageError(f"--betas must each lie in [0, 1) (got {beta!r}).")
+        for name in ("guide", "estimator", "baseline", "device"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"--{name} takes a name (got {value!r}).")
+
+    @classmethod
+    def from_options(cls, **options) -> FitConfig:
+        """A FitConfig from keyword options; an unknown name is a usage error naming the known ones."""
+        known = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UsageError(f"unknown fit option {unknown[0]!r}; the fit options are: {', '.join(sorted(known))}.")
+        if options.get("betas") is not None:
+            options["betas"] = tuple(options["betas"])
+        return cls(**options)
+
+    def resolve(self, defaults: dict) -> FitConfig:
+        """Fill the options left at None from a model file's ``FIT_DEFAULTS``, else ppvi's defaults."""
+        num_particles = self.num_particles if self.num_particles is not None else defaults.get("num_particles", 1)
+        if self.num_particles is None and self.estimator == "iwae":
+            num_particles = max(IWAE_DEFAULT_PARTICLES, num_particles)
+        return dataclasses.replace(
+            self,
+            steps=self.steps if self.steps is not None or self.epochs is not None else defaults.get("steps", DEFAULT_STEPS),
+            batch_size=self.batch_size if self.batch_size is not None else defaults.get("batch_size"),
+            lr=self.lr if self.lr is not None else defaults.get("lr", DEFAULT_LR),
+            lr_decay=self.lr_decay if self.lr_decay is not None else defaults.get("lr_decay", 1.0),
+            num_particles=num_particles,
+            vectorize_particles=self.vectorize_particles if self.vectorize_particles is not None else defaults.get("vectorize_particles"),
+        )
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["betas"] = list(self.betas) if self.betas is not None else None
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FitConfig:
+        """Read back what :meth:`to_dict` wrote (config.json's ``"settings"``)."""
+        if not isinstance(values, dict):
+            raise UsageError(f"fit settings must be a mapping (got {type(values).__name__}).")
+        return cls.from_options(**values)
+
+    def differences(self, other: FitConfig) -> list[str]:
+        """The settings that differ from ``other``, leaving out those a resumed run may change."""
+        return [
+            item.name
+            for item in dataclasses.fields(self)
+            if item.name not in RESUME_MAY_CHANGE and getattr(self, item.name) != getattr(other, item.name)
+        ]
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """lr * lr_decay ** (step / total_steps): a function of the step alone, so resuming needs no scheduler state."""
+        return self.lr * self.lr_decay ** (step / total_steps) if self.lr_decay != 1.0 else self.lr
+
+    @staticmethod
+    def legacy(config: dict) -> dict:
+        """The settings of a config.json written before ``"settings"`` existed."""
+        steps = None if config.get("epochs") else config.get("steps")
+        return {
+            "guide": config.get("guide"),
+            "estimator": config.get("estimator_requested", "auto"),
+            **config.get("estimator_settings", {}),
+            "steps": steps,
+            "epochs": config.get("epochs"),
+            "batch_size": config.get("batch_size"),
+            "lr": config.get("lr"),
+            "lr_decay": config.get("lr_decay"),
+            "num_particles": config.get("num_particles"),
+            "vectorize_particles": config.get("vectorize_particles"),
+            "device": str(config.get("device", "auto")).split(":")[0],
+            "seed": config.get("seed", 0),
+            "restarts": config.get("restarts", 1),
+            "checkpoint_every": config.get("checkpoint_every"),
+        }
+
+
+def check_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,365 @@
+"""The fit loop: data in, estimator chosen (with the reason), SVI steps, ELBO trace and checkpoints out.
+
+One function, :func:`fit`, serves the command line, notebooks and tests; :func:`train`
+runs the steps of one restart. The loop never forces a host-device sync per step:
+each step's ELBO goes into a device buffer (:class:`ElboBuffer`) read back every
+``SYNC_EVERY`` steps and at checkpoints, which is also when NaN/inf is detected.
+Pyro's param store and the RNGs are scoped to the fit: the caller's are as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import pyro
+import torch
+
+from . import rundir
+from .batching import Batches, batch_at, load_data_tensors
+from .checkpoint import RunWriter
+from .config import FitConfig
+from .distributed import LocalComm
+from .errors import TrainingDiverged, UsageError
+from .estimators import EstimatorSettings, choose_estimator, inspect_sites, make_estimator
+from .gallery import ModelFile, load_model
+from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
+from .results import FitResult, RestartResult
+
+__all__ = ["fit", "resume", "train", "resolve_device", "FitConfig", "FitResult", "RestartResult", "ElboBuffer", "SYNC_EVERY"]
+
+SYNC_EVERY = 50  # steps between reads of the ELBO buffer (one host-device sync each)
+
+
+def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = False, progress: bool = False,
+        log_fn: Callable[[str], None] | None = None, **settings) -> FitResult:
+    """Fit a model/guide pair by stochastic variational inference.
+
+    Parameters
+    ----------
+    model : str or Path or ModelFile
+        A gallery name (``"gmm"``) or the path of a model file.
+    guide : str, optional
+        A name from the file's ``GUIDES``; default its first entry.
+    data : None, str, Tensor or dict of Tensor
+        None for the model's built-in data, a ``--data`` string (file, folder, ``synthetic:...``)
+        or tensors with one data point per row.
+    options : dict or the model's Options, optional
+        Model options (``{"num_components": 3}``).
+    out, resume : path, bool
+        Run directory to write (config.json, elbo.csv, params.pt, elbo.png); continue it from its last checkpoint.
+    progress, log_fn : bool, callable
+        A progress bar with the running ELBO; a receiver of one-line messages (the estimator and why).
+    **settings
+        The fit options of :class:`~ppvi.config.FitConfig` (``estimator``, ``steps``, ``lr``, ``seed``, ``restarts`` ...).
+    """
+    config = FitConfig.from_options(guide=guide, **settings)
+    model_file = model if isinstance(model, ModelFile) else load_model(model)
+    guide = config.guide or model_file.default_guide
+    if guide not in model_file.guides:
+        raise UsageError(f"model {model_file.name!r} has no guide {guide!r}; its guides are: {', '.join(model_file.guides)}.")
+    estimator_settings = _estimator_settings(config)
+    config = dataclasses.replace(config.resolve(model_file.fit_defaults), guide=guide)
+    options = model_file.make_options(options)
+    device = resolve_device(config.device)
+    source, tensors = load_data_tensors(model_file, data, options, device)
+    batches = Batches(next(iter(tensors.values())).shape[0], config.batch_size, config.seed, device)
+    total_steps = config.steps if config.steps is not None else config.epochs * batches.steps_per_epoch()
+    job = FitJob(model_file, config, estimator_settings, options, tensors, batches, total_steps, device,
+                 record=_record(model, model_file, config, options, source, batches, total_steps, device),
+                 writer=RunWriter(out, resume=resume, device=device, checkpoint_every=config.checkpoint_every),
+                 log_fn=log_fn or (lambda message: None))
+    with fit_scope(), _progress(progress) as bar:
+        restarts = [_fit_restart(job, restart, bar) for restart in range(config.restarts)]
+    result = FitResult(
+        params=None, elbo_trace=pd.concat([r.elbo_trace for r in restarts], ignore_index=True),
+        estimator=job.record["estimator"], estimator_reason=job.record["estimator_reason"], device=device, seed=config.seed,
+        config=job.record, restarts=restarts, model_file=model_file, options=options, data=tensors,
+        run_dir=Path(out) if out is not None else None,
+    )
+    job.record.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restarts])
+    job.writer.finish(job.record, f"{model_file.name} / {guide} / {result.estimator}")
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class FitJob:
+    """What every restart of one fit shares: the resolved settings, the data on the device, the run directory."""
+
+    model_file: ModelFile
+    config: FitConfig
+    estimator_settings: EstimatorSettings
+    options: object
+    data: dict
+    batches: Batches
+    total_steps: int
+    device: torch.device
+    record: dict  # config.json
+    writer: RunWriter
+    log_fn: Callable[[str], None]
+
+
+def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
+    """One restart in a fresh param store: build the pair and its estimator, then train from the checkpoint (if any)."""
+    config, seed = job.config, job.config.seed + restart
+    with pyro.get_param_store().scope(), device_scope(job.device):
+        pyro.set_rng_seed(seed)
+        model_fn, guide_fn = job.model_file.build_pair(config.guide, job.options, job.data)
+        first = batch_at(job.data, job.batches.index(0), job.batches.num_data, job.batches.batch_size is None)
+        estimator, sites = _build_estimator(config, job.estimator_settings, model_fn, guide_fn, first, job.options, job.total_steps)
+        if restart == 0:
+            job.log_fn(f"estimator: {estimator.name} ({estimator.reason})")
+            job.record.update(estimator=estimator.name, estimator_reason=estimator.reason, sites=sites,
+                              estimator_options=_relevant(estimator.name, job.estimator_settings, job.total_steps))
+            job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
+        pyro.set_rng_seed(seed)  # training draws the same numbers however much the set-up drew
+        store = pyro.get_param_store()
+        optimizer = _optimizer(store, config, job.device)
+        start, elapsed, trace = job.writer.restore(restart, store, optimizer)
+        scoped = loop_needs_device_scope(model_fn, guide_fn, first, job.options, device=job.device)
+        label = f"{job.model_file.name}/{config.guide}" + (f" restart {restart}" if config.restarts > 1 else "")
+        task = bar.add_task(label, total=job.total_steps, completed=start, elbo="...")
+        with device_scope(job.device) if scoped else contextlib.nullcontext():
+            try:
+                trace, _ = train(
+                    estimator=estimator, data=job.data, options=job.options, batches=job.batches, optimizer=optimizer,
+                    config=config, total_steps=job.total_steps, restart=restart, start=start, elapsed=elapsed, trace=trace,
+                    checkpoint_fn=lambda step, seconds, done, rows: job.writer.checkpoint(
+                        restart, store=store, optimizer=optimizer, step=step, elapsed=seconds, seed=seed, done=done, trace=rows),
+                    checkpoint_due=job.writer.due,
+                    progress_fn=lambda step, elbo: bar.update(task, completed=step, elbo=f"{elbo:.4g}"),
+                )
+            except TrainingDiverged as error:
+                job.writer.diverged(restart, error, job.record)
+                raise
+        return _restart_result(restart, seed, store, trace, model_fn, guide_fn)
+
+
+def train(*, estimator, data: dict, options, batches: Batches, optimizer, config: FitConfig, total_steps: int, restart: int = 0,
+          start: int = 0, elapsed: float = 0.0, trace: pd.DataFrame | None = None, comm=None,
+          checkpoint_fn=None, checkpoint_due=None, progress_fn=None) -> tuple[pd.DataFrame, float]:
+    """Run steps ``[start, total_steps)`` of one restart; return its ELBO trace and the elapsed seconds.
+
+    ``checkpoint_fn(step, elapsed, done, trace)`` is called at buffered reads for which
+    ``checkpoint_due(step, done)`` holds; ``progress_fn(step, elbo)`` after every read.
+    A non-finite ELBO raises :class:`TrainingDiverged` carrying the finite rows before it (``.trace``).
+    """
+    comm = comm or LocalComm()
+    buffer = ElboBuffer(batches.full.device, objective=estimator.objective)
+    frames = [trace] if trace is not None and not trace.empty else []
+    clock = time.perf_counter() - elapsed
+    with pyro.validation_enabled(False):
+        for step in range(start, total_steps):
+            batch = batch_at(data, comm.shard(batches.index(step)), batches.num_data, batches.batch_size is None)
+            elbo, loss = _step(estimator, batch, options, step, optimizer, config, total_steps, comm, restart)
+            buffer.record(step, elbo, loss, time.perf_counter() - clock)
+            done = step + 1 == total_steps
+            if done or buffer.full() or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
+                rows, bad = buffer.read(comm, restart=restart, batches=batches, estimator=estimator)
+                frames.append(rows)
+                if bad is not None:
+                    raise _diverged(f"the ELBO became {bad[1]} at step {bad[0]} (restart {restart})", bad[0], frames)
+                if progress_fn is not None:
+                    progress_fn(step + 1, float(rows["elbo"].iloc[-1]))
+                if checkpoint_fn is not None and (checkpoint_due is None or checkpoint_due(step + 1, done)):
+                    try:
+                        checkpoint_fn(step + 1, time.perf_counter() - clock, done, pd.concat(frames, ignore_index=True))
+                    except TrainingDiverged as error:
+                        raise _diverged(str(error), error.step, frames) from None
+    return pd.concat(frames, ignore_index=True) if frames else _empty_trace(), time.perf_counter() - clock
+
+
+class ElboBuffer:
+    """Each step's ELBO (and objective) in a device buffer; read back, with one host sync, every ``SYNC_EVERY`` steps."""
+
+    def __init__(self, device: torch.device, objective: str | None = None, size: int = SYNC_EVERY):
+        self.objective = objective  # gumbel / iwae descend another objective than the ELBO: kept beside it
+        self.values = torch.empty(2 if objective else 1, size, device=device)
+        self.steps: list[int] = []
+        self.times: list[float] = []
+
+    def record(self, step: int, elbo: torch.Tensor, loss: torch.Tensor, seconds: float) -> None:
+        self.values[0, len(self.steps)] = elbo
+        if self.objective:
+            self.values[1, len(self.steps)] = -loss.detach()  # the objective, since loss = -objective
+        self.steps.append(step)
+        self.times.append(seconds)
+
+    def full(self) -> bool:
+        return len(self.steps) == self.values.shape[1]
+
+    def read(self, comm, *, restart: int, batches: Batches, estimator) -> tuple[pd.DataFrame, tuple | None]:
+        """The finite rows recorded since the last read, and ``(step, value)`` of the first non-finite ELBO."""
+        count = len(self.steps)
+        values = comm.mean(self.values[:, :count]).double().cpu()  # the one host-device sync per read
+        bad = (~torch.isfinite(values[0])).nonzero()
+        keep = int(bad[0]) if len(bad) else count
+        steps = self.steps[:keep]
+        rows = pd.DataFrame({
+            "restart": restart,
+            "step": steps,
+            "epoch": [batches.epoch_of(step) for step in steps],
+            "elbo": values[0, :keep].numpy(),
+            "time_s": self.times[:keep],
+            **({self.objective: values[1, :keep].numpy()} if self.objective else {}),
+            **{name: column[:keep] for name, column in estimator.extra_columns(self.steps).items()},
+        })
+        problem = (self.steps[keep], values[0, keep].item()) if len(bad) else None
+        self.steps, self.times = [], []
+        return rows, problem
+
+
+def _step(estimator, batch, options, step: int, optimizer, config: FitConfig, total_steps: int, comm, restart: int):
+    """One optimizer step; returns ``(elbo, loss)`` as device tensors (no host sync)."""
+    store = pyro.get_param_store()
+    try:
+        elbo, loss = estimator.loss(batch, options, step=step)
+        loss.backward()
+    except (ValueError, RuntimeError) as error:
+        if any(not torch.isfinite(value).all() for _, value in store.named_parameters()):
+            raise TrainingDiverged(f"parameters became non-finite before step {step} (restart {restart}): {str(error).splitlines()[0]}", step) from None
+        raise
+    _adopt_new_params(store, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    comm.average_gradients_(params)
+    if config.clip_norm is not None:  # as Pyro's ClippedAdam: each gradient element clamped to [-C, C]
+        for param in params:
+            param.grad.clamp_(-config.clip_norm, config.clip_norm)
+    if config.lr_decay != 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(step, total_steps)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return elbo, loss
+
+
+def _adopt_new_params(store, optimizer) -> None:
+    """A site that created parameters lazily (a neural baseline): let Adam see them too."""
+    if len(store.keys()) == getattr(optimizer, "_ppvi_known", -1):
+        return
+    seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new = [p for p in trainable_params(store).values() if id(p) not in seen]
+    if new:  # (a decaying-average baseline is state, not a parameter: no group for it)
+        optimizer.add_param_group({"params": new})
+    optimizer._ppvi_known = len(store.keys())
+
+
+def _optimizer(store, config: FitConfig, device: torch.device) -> torch.optim.Optimizer:
+    # fused Adam keeps its step counters on the GPU: the default implementation syncs per parameter per step
+    optimizer = torch.optim.Adam(list(trainable_params(store).values()), lr=config.lr, betas=config.betas or (0.9, 0.999),
+                                 fused=device.type == "cuda")
+    optimizer._ppvi_known = len(store.keys())
+    return optimizer
+
+
+def _estimator_settings(config: FitConfig) -> EstimatorSettings:
+    settings = EstimatorSettings(config.baseline, config.temperature, config.anneal_rate, config.min_temperature, config.straight_through)
+    settings.check(config.estimator)  # bad values, and options that cannot apply, before any data is read
+    return settings
+
+
+def _build_estimator(config: FitConfig, settings: EstimatorSettings, model_fn, guide_fn, batch, options, total_steps: int):
+    with pyro.validation_enabled(True):
+        sites, plate_depth = inspect_sites(model_fn, guide_fn, batch, options)  # also creates the parameters
+        name, reason = choose_estimator(config.estimator, sites, settings)
+        estimator = make_estimator(
+            name, reason, sites, model_fn, guide_fn, batch, options, num_particles=config.num_particles,
+            vectorize_particles=config.vectorize_particles, max_plate_nesting=plate_depth, settings=settings, total_steps=total_steps,
+        )
+    return estimator, [dataclasses.asdict(site) for site in sites]
+
+
+def _relevant(estimator: str, settings: EstimatorSettings, total_steps: int) -> dict:
+    """The estimator options in effect for the chosen estimator (config.json)."""
+    values = settings.resolved(total_steps)
+    if estimator == "score":
+        return {"baseline": values["baseline"]}
+    if estimator == "gumbel":
+        return {name: values[name] for name in EstimatorSettings.GUMBEL_FIELDS}
+    return {}
+
+
+def _restart_result(restart: int, seed: int, store, trace: pd.DataFrame, model_fn, guide_fn) -> RestartResult:
+    return RestartResult(
+        restart=restart,
+        seed=seed,
+        params={name: store[name].detach() for name in store.keys() if not name.startswith("__baseline")},
+        unconstrained={name: value.detach().clone() for name, value in store.named_parameters()},
+        elbo_trace=trace.reset_index(drop=True),
+        model_fn=model_fn,
+        guide_fn=guide_fn,
+    )
+
+
+def _diverged(message: str, step: int, frames: list) -> TrainingDiverged:
+    error = TrainingDiverged(message, step)
+    error.trace = pd.concat(frames, ignore_index=True) if frames else _empty_trace()
+    return error
+
+
+def _empty_trace() -> pd.DataFrame:
+    return pd.DataFrame(columns=["restart", "step", "epoch", "elbo", "time_s"])
+
+
+def _settings_differ(old: dict, config: FitConfig) -> list[str]:
+    settings = old.get("settings")
+    before = FitConfig.from_dict(settings) if isinstance(settings, dict) else FitConfig.from_options(**FitConfig.legacy(old))
+    return config.differences(before)
+
+
+def _record(model, model_file, config: FitConfig, options, source, batches: Batches, total_steps: int, device: torch.device) -> dict:
+    """config.json: the settings (to rerun) and what they resolved to (to read)."""
+    from . import __version__
+
+    return {
+        "model": model_file.name if Path(str(model)).suffix != ".py" else str(model_file.path),
+        "model_path": str(model_file.path),
+        "model_sha256": model_file.sha256,
+        "settings": config.to_dict(),
+        "guide": config.guide,
+        "estimator_requested": config.estimator,
+        "estimator_settings": {name: getattr(config, name) for name in ("baseline", *EstimatorSettings.GUMBEL_FIELDS)},
+        "options": dataclasses.asdict(options) if options is not None else {},
+        "data": source if source is not None else "built-in",
+        "num_data": batches.num_data,
+        "steps": total_steps,
+        "epochs": config.epochs,
+        "batch_size": batches.batch_size,
+        "lr": config.lr,
+        "lr_decay": config.lr_decay,
+        "num_particles": config.num_particles,
+        "vectorize_particles": config.vectorize_particles,
+        "checkpoint_every": config.checkpoint_every,
+        "device": str(device),
+        "seed": config.seed,
+        "restarts": config.restarts,
+        "versions": {"ppvi": __version__, "pyro": pyro.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("ELBO {task.fields[elbo]}"), disable=not enabled, transient=False,
+    )
+
+
+def resume(run_dir: str | Path, *, progress: bool = False, log_fn=None) -> FitResult:
+    """Continue an interrupted run from its last checkpoint, with the settings in its config.json."""
+    config = rundir.read_config(run_dir)
+    data = None if config.get("data") == "built-in" else config.get("data")
+    if data == "in-memory":
+        raise UsageError(f"{run_dir}: the run was fitted on in-memory data; call ppvi.fit(..., data=..., out=..., resume=True).")
+    settings = config.get("settings")
+    settings = FitConfig.from_dict(settings).to_dict() if isinstance(settings, dict) else FitConfig.legacy(config)
+    settings["device"] = str(settings.get("device", "auto")).split(":")[0]
+    guide = settings.pop("guide")
+    return fit(config["model"], guide, data=data, options=config.get("options"), out=run_dir, resume=True,
+               progress=progress, log_fn=log_fn, **settings)
