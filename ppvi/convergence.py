@@ -29,13 +29,14 @@ folding, and localization: an improved R-hat. Bayesian Analysis 16(2).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["Decision", "Stationarity", "EarlyStopping", "split_rhat", "mcse_of_mean", "q_scales", "default_threads", "heldout_split"]
+__all__ = ["Decision", "Stationarity", "EarlyStopping", "split_rhat", "mcse_of_mean", "q_scales", "default_threads", "threads_scope", "heldout_split", "load_unconstrained_"]
 
 NOT_CONVERGED = "not converged within the budget: raise --max-steps or lower --lr"
 
@@ -383,3 +384,14 @@ def default_threads(num_param_elements: int) -> int:
 
 
 SMALL_MODEL_ELEMENTS = 100_000
+
+
+@contextlib.contextmanager
+def threads_scope(threads: int):
+    """torch's intra-op threads set to ``threads`` inside, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

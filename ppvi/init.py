@@ -10,7 +10,7 @@ from pyro.optim import PyroOptim
 
 from .errors import UsageError
 
-__all__ = ["kmeans", "Start", "Preconditioned", "laplace", "laplace_init_", "disperse_", "INIT_CHOICES", "start_"]
+__all__ = ["kmeans", "Start", "Preconditioned", "precondition_", "laplace", "laplace_init_", "disperse_", "INIT_CHOICES", "start_"]
 
 
 def kmeans(
@@ -231,6 +231,25 @@ class Preconditioned(PyroOptim):  # an instance of PyroOptim, which pyro's SVI i
         self.optim.load(filename, map_location=map_location)
 
 
+def precondition_(optimizer: torch.optim.Optimizer, step_scales: list) -> torch.optim.Optimizer:
+    """The torch-optimizer form of :class:`Preconditioned`: ``optimizer.step`` scales the chosen
+    coordinates' steps; returns the optimizer (unchanged without step scales). State dicts are unaffected."""
+    if not step_scales:
+        return optimizer
+    plain_step = optimizer.step
+
+    def step(closure=None):
+        before = [(tensor, tensor.detach().clone(), scale) for tensor, scale in step_scales]
+        result = plain_step(closure)
+        with torch.no_grad():
+            for tensor, old, scale in before:
+                tensor.copy_(old + scale * (tensor - old))  # theta <- theta_old + s * (Adam's step)
+        return result
+
+    optimizer.step = step
+    return optimizer
+
+
 def laplace_init_(model_fn, guide, batch, options) -> Start:
     """Start a Gaussian autoguide at the Laplace approximation; returns what was done, for the log.
 
@@ -267,14 +286,17 @@ def laplace_init_(model_fn, guide, batch, options) -> Start:
     return Start("Laplace start (mode by L-BFGS and Newton, scale from the inverse Hessian; location steps scaled by min(1, sd))", scales)
 
 
-def disperse_(store, *, seed: int, radius: float = 2.0, scale_spread: float = 2.0) -> list[str]:
+def disperse_(store, *, seed: int, radius: float = 2.0, scale_spread: float = 2.0, step_scales: list = ()) -> list[str]:
     """Move q's locations and scales to a dispersed start, in place; returns the parameters moved.
 
     Each location of a Gaussian guide (see ``ppvi.convergence.q_scales`` for which parameters
     count as locations) moves by Uniform(-radius, radius) per unconstrained coordinate, Stan's
     default initial radius, added to where restart 0 starts; its scale is multiplied by
     exp(Uniform(-log scale_spread, log scale_spread)). Network weights and other parameters are
-    left alone (their random initialisation already differs per seed). Restart 0 is not
+    left alone (their random initialisation already differs per seed). After a Laplace start pass its
+    ``Start.step_scales``: a location's move is then multiplied by ``min(1, posterior sd)``, so that
+    restarts stay within ``radius`` posterior sds (a move of 2 where the sd is 1e-3 would be 2,000 sds,
+    far beyond where the preconditioned steps can come back from). Restart 0 is not
     dispersed: it starts where the guide puts it (the Laplace start, or q's location at the point
     whose unconstrained value is 0 and scale ``ppvi.guides.INIT_SCALE``).
     """
@@ -284,9 +306,11 @@ def disperse_(store, *, seed: int, radius: float = 2.0, scale_spread: float = 2.
     constraints = store.get_state()["constraints"]
     moved = []
     with torch.no_grad():
+        known = {id(tensor): scale for tensor, scale in step_scales}
         for name in sorted(q_scales(store)):
             location = store[name].unconstrained()
-            location += (2 * torch.rand(location.shape, generator=generator, dtype=location.dtype) - 1).to(location.device) * radius
+            move = (2 * torch.rand(location.shape, generator=generator, dtype=location.dtype) - 1).to(location.device) * radius
+            location += move * known.get(id(location), 1.0)
             moved.append(name)
         for name in sorted(store.keys()):
             if ".scales." in name or name.endswith("_scale") or name.endswith(".scale"):
