@@ -112,9 +112,9 @@ class Stationarity:
     mcse_threshold : float
         Stop when every averaged coordinate's MCSE, divided by its scale (see ``scale_fn``), is below it.
     min_window : int
-        Fewest iterates used for R-hat, and fewest averaged iterates before stopping.
+        Fewest buffered iterates used for R-hat (half as many averaged ones before stopping).
     capacity : int
-        Iterates kept in the device buffer (thinned by ``thin``); R-hat looks back at most this far.
+        Iterates kept in the device buffer; when full it is thinned by two (see :meth:`observe`).
     max_tracked : int
         Coordinates kept in the buffer for R-hat and MCSE: all of them up to this many, else a fixed
         random subset (the average itself always covers every coordinate).
@@ -123,7 +123,7 @@ class Stationarity:
         (q's sd for a location, see :func:`q_scales`); parameters not in it are measured in their
         own unconstrained units (a log-scale: relative error).
     thin : int
-        Keep every ``thin``-th iterate.
+        Keep every ``thin``-th iterate at first.
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class Stationarity:
         self.tracked = None if total <= max_tracked else torch.randperm(total, generator=generator)[:max_tracked].sort().values.to(first.device)
         self.buffer = torch.zeros(capacity, min(total, max_tracked), dtype=first.dtype, device=first.device)
         self.buffer_steps = np.full(capacity, -1)
-        self.count = 0  # iterates written into the ring buffer
+        self.count = 0  # rows of the buffer in use
         self.rhat_threshold, self.mcse_threshold = rhat_threshold, mcse_threshold
         self.min_window, self.thin, self.scale_fn = min_window, thin, scale_fn
         self.stationary_step: int | None = None  # first step averaged
@@ -161,28 +161,35 @@ class Stationarity:
         self.last_step = -1
 
     def observe(self, step: int, params: dict) -> None:
-        """Record the iterate after ``step``: device copies and adds only (no host sync)."""
+        """Record the iterate after ``step``: device copies and adds only (no host sync).
+
+        The buffer keeps the whole history since the first step, thinned: when it is full, every
+        other row is dropped and the thinning doubles, so that R-hat's windows can grow with the fit
+        (Dhaka et al. use windows up to 95% of the history) at a fixed memory cost.
+        """
         self.last_step = step
-        if step % self.thin:
-            return
         with torch.no_grad():
-            flat = torch.cat([params[name].detach().reshape(-1) for name in self.names])
-            row = self.count % self.buffer.shape[0]
-            self.buffer[row] = flat if self.tracked is None else flat[self.tracked]
-            self.buffer_steps[row] = step
-            self.count += 1
             if self.stationary_step is not None:
                 for name in self.names:
                     self.sum[name] += params[name].detach()
                 self.num_averaged += 1
+            if step % self.thin:
+                return
+            if self.count == self.buffer.shape[0]:
+                half = self.count // 2
+                self.buffer[:half] = self.buffer[1::2].clone()
+                self.buffer_steps[:half] = self.buffer_steps[1::2]
+                self.count, self.thin = half, self.thin * 2
+            flat = torch.cat([params[name].detach().reshape(-1) for name in self.names])
+            self.buffer[self.count] = flat if self.tracked is None else flat[self.tracked]
+            self.buffer_steps[self.count] = step
+            self.count += 1
 
     def _recent(self, since_step: int | None = None) -> np.ndarray:
-        """The buffered iterates in step order (one device read), optionally only those after ``since_step``."""
-        capacity = self.buffer.shape[0]
-        order = np.arange(self.count - min(self.count, capacity), self.count) % capacity
-        rows = self.buffer.cpu().numpy()[order].astype(np.float64)
+        """The buffered iterates in step order (one device read), optionally only those from ``since_step`` on."""
+        rows = self.buffer[: self.count].cpu().numpy().astype(np.float64)
         if since_step is not None:
-            rows = rows[self.buffer_steps[order] >= since_step]
+            rows = rows[self.buffer_steps[: self.count] >= since_step]
         return rows
 
     def check(self, step: int, elbo_values: np.ndarray | None = None) -> Decision | None:
@@ -196,7 +203,7 @@ class Stationarity:
         if self.stationary_step is None:
             self._check_stationary(step)
             return None
-        if self.num_averaged < self.min_window:
+        if len(self._recent(self.stationary_step)) < self.min_window // 2:
             return None
         ess, mcse = self._mcse()
         relative = mcse / self._scales()
@@ -206,17 +213,14 @@ class Stationarity:
         return self.stopped
 
     def _mcse(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ess, mcse)`` of the running average: the buffer (the latest averaged iterates, up to its
-        capacity) gives the variance and the ESS per iterate, which is scaled to all averaged iterates."""
+        """``(ess, mcse)`` of the running average, from the buffered (thinned) iterates since stationarity;
+        thinning an autocorrelated series loses little ESS, so this errs on the safe side."""
         recent = self._recent(self.stationary_step)
         ess, _ = mcse_of_mean(recent)
-        ess = ess / len(recent) * self.num_averaged  # ESS per iterate times the iterates averaged
-        variance = recent.var(axis=0, ddof=1)
-        return ess, np.sqrt(variance / ess)
+        return ess, np.sqrt(recent.var(axis=0, ddof=1) / ess)
 
     def _check_stationary(self, step: int) -> None:
-        available = min(self.count, self.buffer.shape[0])
-        upper = int(0.95 * available)  # Dhaka et al.: windows from min_window up to 95% of the history
+        upper = int(0.95 * self.count)  # Dhaka et al.: windows from min_window up to 95% of the history
         if upper < self.min_window:
             return
         iterates = self._recent()

@@ -123,7 +123,7 @@ def _unpack(flat, names, shapes):
     return values
 
 
-def laplace(model_fn, batch, options, *, max_iter: int = 500, newton_steps: int = 3):
+def laplace(model_fn, batch, options, *, max_iter: int = 200, newton_steps: int = 3):
     """The Laplace approximation of the posterior in unconstrained space: ``(mode, cov, names, shapes)``.
 
     L-BFGS on minus the log joint finds the mode; a few Newton steps with the exact Hessian finish

@@ -114,6 +114,7 @@ def fit_gallery(name, lr, max_steps, seed=0):
     return monitor, step + 1, data["x"], options
 
 
+@pytest.mark.slow
 def test_normal_normal_stops_early_at_the_closed_form():
     """Stopped when MCSE/sd < 0.1: the mean is within 0.3 posterior sd (3 MCSE) and the sd within 15%
     (MCSE 0.1 on log sd, plus the small bias of a fixed-step Adam cloud); gallery default is 3,000 steps."""
@@ -125,6 +126,7 @@ def test_normal_normal_stops_early_at_the_closed_form():
     assert pyro.param("mu_scale").item() == pytest.approx(sd, rel=0.15)
 
 
+@pytest.mark.slow
 def test_beta_bernoulli_stops_early_at_the_closed_form():
     monitor, steps, x, options = fit_gallery("beta_bernoulli", lr=0.2, max_steps=3000)
     posterior = torch.distributions.Beta(options.prior_a + x.sum(), options.prior_b + (1 - x).sum())
@@ -136,6 +138,36 @@ def test_beta_bernoulli_stops_early_at_the_closed_form():
 
 
 def test_too_few_steps_is_reported_as_not_converged():
-    monitor, steps, _, _ = fit_gallery("normal_normal", lr=0.01, max_steps=150)
-    assert steps == 150 and not monitor.converged
-    assert "not converged within the budget" in monitor.status
+    """Through ppvi.fit: no --steps, so the fit stops by itself, but --max-steps 100 ends it first."""
+    import ppvi
+
+    messages = []
+    result = ppvi.fit("normal_normal", max_steps=100, seed=0, log_fn=messages.append)
+    convergence = result.config["convergence"]["0"]
+    assert len(result.elbo_trace) == 100 and not convergence["converged"]
+    assert convergence["status"].startswith("not converged within the budget: raise --max-steps or lower --lr")
+    assert convergence["reported"] == "last iterate" and any("not converged" in message for message in messages)
+
+
+@pytest.mark.slow
+def test_a_fit_that_converges_reports_its_step_and_the_average():
+    """Through ppvi.fit with the gallery's lr and no --steps: stops well before the old fixed 3,000 steps,
+    reports the step, and the reported parameters are the iterate average, at the closed form."""
+    import ppvi
+
+    result = ppvi.fit("normal_normal", seed=0, auto_stop=True)
+    convergence = result.config["convergence"]["0"]
+    assert convergence["converged"] and convergence["stop_step"] == len(result.elbo_trace) < 3000
+    assert convergence["status"].startswith(f"converged at step {convergence['stop_step']}")
+    assert convergence["reported"] == "iterate average"
+    x = result.data["x"]
+    precision = 1 / 10.0**2 + len(x)
+    assert abs(result.params["mu_loc"].item() - float(x.sum()) / precision) < 0.3 * precision**-0.5
+    assert result.params["mu_scale"].item() == pytest.approx(precision**-0.5, rel=0.15)
+
+
+def test_fixed_steps_keep_the_old_behaviour():
+    import ppvi
+
+    result = ppvi.fit("normal_normal", steps=60, seed=0)
+    assert len(result.elbo_trace) == 60 and "convergence" not in result.config

@@ -109,6 +109,21 @@ def two_modes(batch, options):
         pyro.sample("x", dist.Normal(z * z, 0.5), obs=batch.x)
 
 
+def test_disperse_moves_locations_within_the_radius_and_spreads_scales():
+    batch = Batch({"x": torch.tensor([4.0])}, torch.arange(1), 1)
+    pyro.clear_param_store()
+    guide = meanfield(two_modes)(None, None)
+    guide(batch, None)
+    store = pyro.get_param_store()
+    before = {name: store[name].detach().clone() for name in store.keys()}
+    moved = disperse_(store, seed=3, radius=2.0, scale_spread=2.0)
+    assert moved == ["AutoNormal.locs.z", "AutoNormal.scales.z"]
+    shift = (store["AutoNormal.locs.z"] - before["AutoNormal.locs.z"]).abs().item()
+    ratio = (store["AutoNormal.scales.z"] / before["AutoNormal.scales.z"]).item()
+    assert 0 < shift <= 2.0 and 0.5 <= ratio <= 2.0
+
+
+@pytest.mark.slow
 def test_dispersed_restarts_find_both_modes_and_rhat_flags_them():
     """Six restarts, 1..5 dispersed (radius 2 around restart 0's location 0): both modes are reached, and
     R-hat over the restarts' q draws is far above 1.01 (the modes are 4 q-sds apart)."""
