@@ -224,13 +224,9 @@ class Stationarity:
         if upper < self.min_window:
             return
         iterates = self._recent()
-        best_rhat, best_window = math.inf, None
-        for window in np.unique(np.linspace(self.min_window, upper, num=5).astype(int)):
-            rhat = float(np.max(split_rhat(iterates[-window:])))
-            if rhat < best_rhat:
-                best_rhat, best_window = rhat, window
-        self.last_rhat = best_rhat
-        if best_rhat < self.rhat_threshold:
+        windows = np.unique(np.linspace(self.min_window, upper, num=5).astype(int))
+        self.last_rhat = min(float(np.max(split_rhat(iterates[-window:]))) for window in windows)  # the most stationary window
+        if self.last_rhat < self.rhat_threshold:
             self.stationary_step = step + 1  # average from the next iterate on
 
     def _scales(self) -> np.ndarray:
