@@ -121,7 +121,7 @@ def test_normal_normal_stops_early_at_the_closed_form():
     monitor, steps, x, options = fit_gallery("normal_normal", lr=0.2, max_steps=3000)
     precision = 1 / options.prior_scale**2 + len(x) / options.noise_scale**2
     mean, sd = float(x.sum() / options.noise_scale**2 / precision), precision**-0.5
-    assert monitor.converged and steps < 1500, monitor.status
+    assert monitor.converged and steps <= 1500, monitor.status  # at most half the fixed budget
     assert abs(pyro.param("mu_loc").item() - mean) < 0.3 * sd
     assert pyro.param("mu_scale").item() == pytest.approx(sd, rel=0.15)
 
