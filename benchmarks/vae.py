@@ -282,15 +282,14 @@ PPVI_LOSSES = {"ppvi, MeanFieldELBO": MeanFieldELBO, "ppvi, TraceMeanField_ELBO"
 @contextlib.contextmanager
 def analytic_kl_loss(cls):
     """Make ppvi.fit's analytic-KL estimator construct cls: patch the names make_estimator looks up."""
-    names = [name for name in ("TraceMeanField_ELBO", "MeanFieldELBO") if hasattr(ppvi.estimators, name)]
-    saved = {name: getattr(ppvi.estimators, name) for name in names}
+    import ppvi.estimators.reparam as reparam
+
+    saved = reparam.MeanFieldELBO
     try:
-        for name in names:
-            setattr(ppvi.estimators, name, cls)
+        reparam.MeanFieldELBO = cls
         yield
     finally:
-        for name, value in saved.items():
-            setattr(ppvi.estimators, name, value)
+        reparam.MeanFieldELBO = saved
 
 
 def main(args):

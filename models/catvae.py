@@ -41,7 +41,6 @@ Data: scikit-learn's 8x8 digits by default (1797 images, ``ppvi.images.load_digi
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 import pyro
@@ -92,7 +91,7 @@ class Model:
         with pyro.plate("data", batch.num_data, subsample=batch.index):
             z = pyro.sample("z", dist.OneHotCategorical(logits=logits).to_event(1))
             pixel_logits = self.decoder(z.reshape(*z.shape[:-2], -1))
-            # x was checked once in __init__: checking every batch would sync the GPU each step
+            # x was checked once, in __init__
             pyro.sample("x", dist.Bernoulli(logits=pixel_logits).to_event(1), obs=binarize(x, check=False))
 
 

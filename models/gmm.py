@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributions.utils import clamp_probs
 
 import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
 
-from ppvi.errors import DataError
 from ppvi.data import old_faithful, parse_synthetic, read_csv, standardize, synthetic_gmm
+from ppvi.errors import DataError
 from ppvi.init import kmeans
+from ppvi.modeling import GammaDirichlet  # the Dirichlet, with gradients that stay finite on CUDA
 
 FIT_DEFAULTS = {"steps": 600, "lr": 0.05}
 
@@ -107,20 +107,6 @@ def optimal_assignment_logits(x, concentration, locs_loc, locs_scale, scales_loc
     expected_square = (x.unsqueeze(-2) - locs_loc).square() + locs_scale.square()  # (batch, K, D)
     expected_log_density = -0.5 * math.log(2 * math.pi) - scales_loc - 0.5 * expected_square * expected_precision
     return expected_log_weights + expected_log_density.sum(-1)
-
-
-class GammaDirichlet(dist.Dirichlet):
-    """The Dirichlet, sampled as normalised Gamma draws: w[k] = g[k] / sum_j g[j], g[k] ~ Gamma(c[k], 1).
-
-    Same distribution, with the pathwise gradient of the Gamma draws (Figurnov et al. 2018).
-    torch's own Dirichlet gradient returns NaN on CUDA once concentrations reach about 1e5
-    (pytorch/pytorch#57447: 2 in 200 draws at 1e5, 54 in 200 at 1e6), and q(weights) of a
-    mixture fitted to a million points has concentrations of that size.
-    """
-
-    def rsample(self, sample_shape=torch.Size()):
-        gammas = dist.Gamma(self.concentration, torch.ones_like(self.concentration)).rsample(sample_shape)
-        return clamp_probs(gammas / gammas.sum(-1, keepdim=True))
 
 
 class MeanField:

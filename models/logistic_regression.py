@@ -48,7 +48,9 @@ FIT_DEFAULTS = {"steps": 2000, "lr": 0.05, "lr_decay": 0.02, "vectorize_particle
 
 @dataclass
 class Options:
-    prior_scale: float = field(default=1.0, metadata={"help": "Standard deviation of the Normal prior on each weight (intercept included)."})
+    prior_scale: float = field(
+        default=1.0, metadata={"help": "Standard deviation of the Normal prior on each weight (intercept included)."}
+    )
     standardize: bool = field(default=True, metadata={"help": "Centre and scale each feature column to unit variance."})
 
     def __post_init__(self):

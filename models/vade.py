@@ -105,7 +105,7 @@ class Model:
         with pyro.plate("data", batch.num_data, subsample=batch.index):
             c = pyro.sample("c", dist.Categorical(pi))
             z = pyro.sample("z", dist.Normal(mu[c], sigma[c]).to_event(1))
-            # x was checked once in __init__: checking every batch would sync the GPU each step
+            # x was checked once, in __init__
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=binarize(x, check=False))
 
 

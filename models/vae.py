@@ -17,9 +17,9 @@ scale shared by all pixels, constrained above 0.01 (pixels that are always 0, li
 of the digits, would otherwise let the density grow without bound).
 
 ``--beta`` weights the KL term (Higgins et al. 2017, beta-VAE): the latent site ``z`` is scaled
-by beta in both model and guide (``pyro.poutine.scale``), so the fitted objective is
-E_q[log p(x | z)] - beta KL(q(z | x) || p(z)); beta = 1 is the plain VAE and its ELBO, beta = 0
-drops the KL term (the site is masked out: Pyro's scale must be positive).
+by beta in both model and guide (``ppvi.modeling.kl_weight``, a ``pyro.poutine.scale``), so the
+fitted objective is E_q[log p(x | z)] - beta KL(q(z | x) || p(z)); beta = 1 is the plain VAE and its
+ELBO, beta = 0 drops the KL term.
 
 Guides
 ------
@@ -45,7 +45,6 @@ Fit defaults (100 epochs, batches of 128, lr 3e-3) are sized for the digits: abo
 128 takes about 0.1 s on one CPU core.
 """
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,11 +54,11 @@ from torch.nn import functional as F
 
 import pyro
 import pyro.distributions as dist
-from pyro import poutine
 from pyro.distributions import constraints
 
 from ppvi.errors import DataError
 from ppvi.images import binarize, check_unit_interval, load_digits, load_mnist
+from ppvi.modeling import kl_weight
 
 FIT_DEFAULTS = {"epochs": 100, "batch_size": 128, "lr": 3e-3}
 
@@ -121,16 +120,6 @@ def _image_shape(x, options) -> torch.Size:
     if options.architecture == "conv" and shape.numel() != CONV_SIDE * CONV_SIDE:
         raise ValueError(_conv_error("x".join(str(s) for s in shape), "the data"))
     return shape
-
-
-def _kl_weight(beta: float):
-    """Scale the latent site by beta; at beta = 0 mask it out (poutine.scale must be positive).
-
-    At beta = 1 no handler at all: a scale of 1 changes nothing, and the messenger costs time every step.
-    """
-    if beta == 1:
-        return contextlib.nullcontext()
-    return poutine.scale(scale=beta) if beta > 0 else poutine.mask(mask=False)
 
 
 class MLPDecoder(nn.Module):
@@ -206,13 +195,12 @@ class Model:
         if options.likelihood == "gaussian":
             scale = pyro.param("x_scale", lambda: x.new_tensor(0.1), constraint=constraints.greater_than(MIN_GAUSSIAN_SCALE))
         with pyro.plate("data", batch.num_data, subsample=batch.index):
-            with _kl_weight(options.beta):
-                # tensors, not the float 1.0: on CUDA a Python scalar becomes a host-to-device copy every step
+            with kl_weight(options.beta):
                 z = pyro.sample("z", dist.Normal(x.new_zeros(options.latent_dim), x.new_ones(options.latent_dim)).to_event(1))
             logits = self.decoder(z).reshape(*z.shape[:-1], *self.image_shape)
             event_dims = len(self.image_shape)
             if options.likelihood == "bernoulli":
-                # x was checked once in __init__: checking every batch would sync the GPU each step
+                # x was checked once, in __init__
                 pyro.sample("x", dist.Bernoulli(logits=logits).to_event(event_dims), obs=binarize(x, check=False))
             else:
                 pyro.sample("x", dist.Normal(torch.sigmoid(logits), scale).to_event(event_dims), obs=x)
@@ -240,7 +228,7 @@ class Amortized:
         pyro.module("encoder", self.encoder)
         loc, scale = self.encode(batch.x)
         with pyro.plate("data", batch.num_data, subsample=batch.index):
-            with _kl_weight(options.beta):
+            with kl_weight(options.beta):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 

@@ -6,7 +6,7 @@ The public API, re-exported explicitly::
     frame = ppvi.compare_runs(["runs/a", "runs/b"])
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from . import guides
 from .compare import compare_runs, plot_traces

@@ -9,6 +9,7 @@ rank other than 0 of a data-parallel fit) every write is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from . import rundir
 from .errors import TrainingDiverged, UsageError
+from .plots import save_trace_plot
 
 __all__ = ["RunWriter", "CHECKPOINT_SECONDS", "TRACE_COLUMNS"]
 
@@ -50,25 +52,44 @@ class RunWriter:
 
     def __init__(self, run_dir, *, resume: bool, device: torch.device, writer: bool = True, checkpoint_every: int | None = None):
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.device, self.writer, self.checkpoint_every = device, writer, checkpoint_every
+        self.resume, self.device, self.writer, self.checkpoint_every = resume, device, writer, checkpoint_every
         self.snapshots: list[dict | None] = []
         self.traces: list[pd.DataFrame | None] = []
         self._last_write = time.perf_counter()
-        if self.run_dir is None:
-            if resume:
-                raise UsageError("--resume needs the run directory to continue.")
+        if self.run_dir is None and resume:
+            raise UsageError("--resume needs the run directory to continue.")
+        if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UsageError(f"--out {self.run_dir}: a file of that name exists; choose a folder.")
+
+    @contextlib.contextmanager
+    def opened(self):
+        """Hold the run directory for the block: its writer lock, then the previous checkpoint (on resume).
+
+        A folder this fit created and left empty (the fit failed before its first write) is removed.
+        """
+        if self.run_dir is None or not self.writer:  # another rank of a data-parallel fit: reads only
+            if self.run_dir is not None and self.resume:
+                self._load_previous()
+            yield self
             return
-        if resume:
-            self._load_previous()
-        elif self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
-            raise UsageError(f"--out {self.run_dir}: the folder exists and is not empty; choose a new folder or continue it with --resume {self.run_dir}.")
+        created = not self.run_dir.exists()
+        try:
+            with rundir.lock(self.run_dir, takeover=self.resume):
+                if self.resume:
+                    self._load_previous()
+                elif any(path.name != rundir.LOCK for path in self.run_dir.iterdir()):
+                    raise UsageError(f"--out {self.run_dir}: the folder exists and is not empty; choose a new folder or continue it with --resume {self.run_dir}.")
+                yield self
+        finally:
+            if created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()
 
     def _load_previous(self) -> None:
         if not (self.run_dir / rundir.CONFIG).is_file():
             raise UsageError(f"--resume {self.run_dir}: nothing was saved there (no {rundir.CONFIG}); the fit stopped before its first write: start it again.")
         previous = rundir.load_checkpoint(self.run_dir, map_location=self.device)
         for leftover in self.run_dir.glob(".*.tmp"):  # a write cut short by a kill
-            leftover.unlink()
+            leftover.unlink(missing_ok=True)  # every rank of a data-parallel fit runs this
         self.snapshots = list(previous["restarts"]) if previous else []
         old = rundir.read_trace(self.run_dir) if self.snapshots and (self.run_dir / rundir.TRACE).exists() else None
         for restart, snapshot in enumerate(self.snapshots):  # drop rows logged after the last checkpoint
@@ -97,6 +118,7 @@ class RunWriter:
             return 0, 0.0, None
         snapshot = self.snapshots[restart]
         current = dict(store.named_parameters())
+        rundir.check_params_match(self.run_dir / rundir.PARAMS, restart, snapshot["unconstrained"], current)
         with torch.no_grad():
             for name, value in snapshot["unconstrained"].items():
                 if name in current:
@@ -152,4 +174,4 @@ class RunWriter:
         if self.run_dir is None or not self.writer:
             return
         rundir.write_json(self.run_dir / rundir.CONFIG, config)
-        rundir.plot_trace(self.run_dir, self.trace(), title)
+        save_trace_plot(self.run_dir, self.trace(), title)

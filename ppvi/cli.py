@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad input (one-paragraph message, no traceback);
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from . import distributed
 from .errors import TrainingDiverged, UsageError
 
 console = Console(stderr=True, highlight=False, markup=False)  # messages hold paths and [brackets], not markup
@@ -151,7 +153,7 @@ def _fit_value_options() -> set:
 
     hints = typing.get_type_hints(FitConfig)
     flags = {"--" + item.name.replace("_", "-") for item in dataclasses.fields(FitConfig) if hints[item.name] not in (bool, bool | None)}
-    return flags | {"--data", "--out", "--resume"}
+    return flags | {"--data", "--out", "--resume", "--nproc"}
 
 
 @cli.command("fit", cls=FitCommand)
@@ -161,11 +163,18 @@ def _fit_value_options() -> set:
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/MODEL-GUIDE-TIME).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the interrupted run in this directory.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--trust-model", is_flag=True, help="With --resume: import the model file the run's config.json names (prints its path and sha256).")
+@click.option("--nproc", type=int, help="Data-parallel worker processes on this machine (starts torchrun; default 1).")
 @click.pass_context
-def fit_command(ctx, model, data, out, resume, progress, **options):
+def fit_command(ctx, model, data, out, resume, progress, trust_model, nproc, **options):
     """Fit MODEL (a gallery name or a path to a .py file); `ppvi fit MODEL --help` lists its options."""
     from .config import FitConfig
     from .fitting import fit, resume as resume_run
+
+    if nproc is not None and not distributed.is_launched():  # start the workers, each runs this command without --nproc
+        ctx.exit(distributed.launch(nproc, _without_nproc((ctx.find_root().obj or {}).get("argv") or sys.argv[1:])))
+    if nproc is not None and nproc != int(os.environ["WORLD_SIZE"]):
+        raise UsageError(f"--nproc {nproc} under torchrun with {os.environ['WORLD_SIZE']} processes: give one or the other.")
 
     settings = {name: options.pop(name) for name in [item.name for item in dataclasses.fields(FitConfig)] if name in options}
     model_options = options
@@ -173,9 +182,9 @@ def fit_command(ctx, model, data, out, resume, progress, **options):
     progress = sys.stderr.isatty() if progress is None else progress
     started = time.perf_counter()
     if resume is not None:
-        if model is not None or ctx.get_parameter_source("steps").name == "COMMANDLINE":
+        if ctx.get_parameter_source("steps").name == "COMMANDLINE":
             console.print("note: --resume takes every setting from the run's config.json; other options are ignored.")
-        result = resume_run(resume, progress=progress, log_fn=console.print)
+        result = resume_run(resume, model=model, trust_model=trust_model, progress=progress, log_fn=console.print)
     else:
         if model is None:
             raise UsageError("missing MODEL: give a gallery name (see `ppvi list`) or a path to a model file, or --resume DIR.")
@@ -186,6 +195,8 @@ def fit_command(ctx, model, data, out, resume, progress, **options):
                 out = out.with_name(out.name + "_")
         result = fit(model, guide, data=data, options=model_options, out=out, progress=progress, log_fn=console.print, **settings)
     seconds = time.perf_counter() - started
+    if distributed.env_rank() != 0:
+        return
     num_data = result.config["num_data"]
     finals = ", ".join(f"{r.final_elbo:.4g} ({r.final_elbo / num_data:.4g} per point)" for r in result.restarts)
     output.print(f"final ELBO (median of last 10% of steps): {finals}   [{result.device}, {seconds:.1f} s]")
@@ -196,13 +207,29 @@ def fit_command(ctx, model, data, out, resume, progress, **options):
     output.print(f"run directory: {result.run_dir}")
 
 
+def _preload(run_dir: str, model: str | None, trust_model: bool):
+    """The run, loaded here when the user named its model file (--model) or trusts it; else the folder, loaded later."""
+    if model is None and not trust_model:
+        return run_dir
+    from .runs import load_run
+
+    return load_run(run_dir, model=model, trust_model=trust_model, log_fn=console.print)
+
+
+def _model_options(command):
+    """--model PATH and --trust-model: how a user allows the model file a run directory names."""
+    command = click.option("--trust-model", is_flag=True, help="Import the model file the run's config.json names (prints its path and sha256).")(command)
+    return click.option("--model", "model", help="The run's model file (a run directory's own model file is imported only once you name it).")(command)
+
+
 @cli.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False), help="Save the overlaid traces here (PNG).")
 @click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True, help="Rolling-mean window in steps.")
 def compare_command(run_dirs, out, smooth):
     """Overlay the ELBO traces of several runs (seaborn) and print their final ELBOs."""
-    from .compare import compare_runs, plot_traces
+    from .compare import compare_runs, final_elbos, plot_traces
+    from .plots import save_figure
 
     for run_dir in run_dirs:
         if not Path(run_dir).is_dir():
@@ -211,22 +238,15 @@ def compare_command(run_dirs, out, smooth):
     table = Table(title="final ELBO (median of last 10% of steps, per restart)")
     for column in ("run", "model", "guide", "estimator", "steps", "final ELBO"):
         table.add_column(column)
-    for (run, model, guide, estimator), group in frame.groupby(["run", "model", "guide", "estimator"], sort=False):
-        finals = group.groupby("restart")["elbo"].apply(lambda s: s.iloc[-max(1, len(s) // 10):].median())
-        table.add_row(run, model, guide, estimator, str(group["step"].max() + 1), ", ".join(f"{v:.4g}" for v in finals))
+    for row in final_elbos(frame).itertuples(index=False):
+        table.add_row(row.run, row.model, row.guide, row.estimator, str(row.steps), ", ".join(f"{v:.4g}" for v in row.final_elbo))
     output.print(table)
     if out is not None:
-        import matplotlib
+        from matplotlib.figure import Figure  # a bare figure: no backend to choose, no pyplot state
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from .rundir import atomic_write
-
-        ax = plot_traces(frame, smooth=smooth)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(out), lambda temporary: ax.figure.savefig(temporary, format="png", dpi=110))
-        plt.close(ax.figure)
+        figure = Figure(figsize=(7, 4), layout="constrained")
+        plot_traces(frame, ax=figure.subplots(), smooth=smooth)
+        save_figure(figure, out)
         output.print(f"wrote {out}")
 
 
@@ -237,7 +257,8 @@ def compare_command(run_dirs, out, smooth):
 @click.option("--nuts-samples", type=int, default=1000, show_default=True, help="NUTS draws (after half as many warm-up steps, at least 200).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of NUTS).")
 @click.option("--progress/--no-progress", default=None, help="NUTS progress bar (default: when stderr is a terminal).")
-def diagnose_command(run_dir, num_samples, reference, nuts_samples, seed, progress):
+@_model_options
+def diagnose_command(run_dir, num_samples, reference, nuts_samples, seed, progress, model, trust_model):
     """Judge a fitted guide: ArviZ summary, PSIS k-hat, R-hat across restarts, PSIS-LOO, and optionally NUTS.
 
     Writes posterior.nc, summary.csv and diagnostics.json (and nuts_comparison.csv,
@@ -247,7 +268,7 @@ def diagnose_command(run_dir, num_samples, reference, nuts_samples, seed, progre
 
     progress = sys.stderr.isatty() if progress is None else progress
     diagnosis = diagnose(
-        run_dir, num_samples=num_samples, seed=seed, reference=reference, nuts_samples=nuts_samples, progress=progress, log_fn=console.print
+        _preload(run_dir, model, trust_model), num_samples=num_samples, seed=seed, reference=reference, nuts_samples=nuts_samples, progress=progress, log_fn=console.print
     )
     output.print(format_diagnosis(diagnosis), soft_wrap=True)
 
@@ -259,13 +280,14 @@ def diagnose_command(run_dir, num_samples, reference, nuts_samples, seed, progre
 @click.option("--iwae-k", "iwae_k", type=int, default=1000, show_default=True, help="K, importance samples per data point.")
 @click.option("--batch-size", type=int, default=100, show_default=True, help="Data points per batch (memory: batch size x 100 samples at a time).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of the binarization, for the vae).")
-def evaluate_command(run_dir, data, split, iwae_k, batch_size, seed):
+@_model_options
+def evaluate_command(run_dir, data, split, iwae_k, batch_size, seed, model, trust_model):
     """ELBO and IWAE estimate of log p(x) per data point (nats), for amortized local-latent models (vae, ppca)."""
     from .evaluate import evaluate
 
     if iwae_k < 1:
         raise UsageError(f"--iwae-k must be at least 1 (got {iwae_k}).")
-    frame = evaluate(run_dir, data=data, num_samples=iwae_k, batch_size=batch_size, seed=seed, split=split)
+    frame = evaluate(_preload(run_dir, model, trust_model), data=data, num_samples=iwae_k, batch_size=batch_size, seed=seed, split=split)
     table = Table(title=f"{frame.attrs['data']}: {int(frame['num_points'][0])} points, K = {iwae_k} (nats per point)")
     for column in ("estimate", "mean", "standard error"):
         table.add_column(column)
@@ -282,13 +304,14 @@ def evaluate_command(run_dir, data, split, iwae_k, batch_size, seed):
 @click.option("--batch-size", type=int, default=100, show_default=True, help="Data points per batch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws (and of the binarization, for the vae).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="CSV to write: index, log_p, elbo[, label], in data order.")
-def score_command(run_dir, data, split, iwae_k, batch_size, seed, out):
+@_model_options
+def score_command(run_dir, data, split, iwae_k, batch_size, seed, out, model, trust_model):
     """Per-example IWAE log p(x) as CSV, to rank the least likely inputs (sort by log_p)."""
     from .evaluate import score
 
     if iwae_k < 1:
         raise UsageError(f"--iwae-k must be at least 1 (got {iwae_k}).")
-    frame = score(run_dir, data=data, num_samples=iwae_k, out=out, batch_size=batch_size, seed=seed, split=split)
+    frame = score(_preload(run_dir, model, trust_model), data=data, num_samples=iwae_k, out=out, batch_size=batch_size, seed=seed, split=split)
     lowest = frame.nsmallest(1, "log_p").iloc[0]
     output.print(f"wrote {out}: {len(frame)} rows; mean log_p {frame['log_p'].mean():.4f}, lowest {lowest['log_p']:.4f} (index {int(lowest['index'])})")
 
@@ -302,7 +325,8 @@ def score_command(run_dir, data, split, iwae_k, batch_size, seed, out):
 @click.option("--latent", is_flag=True, help="Scatter of the posterior means of q(z | x), coloured by label (PCA beyond 2 dims).")
 @click.option("--grid", type=int, default=15, show_default=True, help="Side of the --manifold lattice.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prior draws.")
-def sample_command(run_dir, n, out, reconstruct, manifold_, latent, grid, seed):
+@_model_options
+def sample_command(run_dir, n, out, reconstruct, manifold_, latent, grid, seed, model, trust_model):
     """Images from a fitted generative model (one whose model defines decode(z), like vae): a PNG grid."""
     import numpy as np
 
@@ -316,7 +340,7 @@ def sample_command(run_dir, n, out, reconstruct, manifold_, latent, grid, seed):
         raise UsageError(f"--grid must be at least 1 (got {grid}).")
     from .runs import load_run
 
-    result = load_run(run_dir)
+    result = load_run(run_dir, model=model, trust_model=trust_model, log_fn=console.print)
     kind = "reconstructions" if reconstruct else "manifold" if manifold_ else "latent" if latent else "samples"
     out = Path(out) if out is not None else Path(run_dir) / f"{kind}.png"
     if latent:
@@ -402,40 +426,137 @@ def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_
         output.print(f"wrote {Path(out) / 'gradvar.csv'} and gradvar.png")
 
 
+REPORT_TO = "the ppvi issue tracker (with the command you ran and the traceback)"
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg == "--nproc":
+            skip = not skip
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _rank_scope() -> None:
+    """Under torchrun: rank 0 alone talks, before the process group (every rank refuses bad input the
+    same way); after it, a failing rank's message names the rank (``rank 1: error: ...``)."""
+    if not distributed.is_launched():
+        return
+    rank = distributed.env_rank()
+    connected = distributed.dist.is_initialized()
+    console.quiet = rank != 0 and not connected
+    if connected and not getattr(console, "_ppvi_ranked", False):
+        original = console.print
+        console.print = lambda text="", *args, **kwargs: original(f"rank {rank}: {text}", *args, **kwargs)
+        console._ppvi_ranked = True
+
+
 def main(argv=None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code.
+
+    The one error boundary: 0 success; 2 a user's mistake or an unusable file, disk or folder (one
+    paragraph, no traceback); 130 Ctrl-C (with the resume hint); 1 a diverged fit or a bug in ppvi
+    ("internal error", where to report it, ``PPVI_DEBUG=1`` for the traceback).
+    """
     debug = bool(os.environ.get("PPVI_DEBUG"))
+    args = sys.argv[1:] if argv is None else list(argv)
+    if distributed.env_rank() != 0:
+        console.quiet = output.quiet = True
     try:
-        code = cli.main(args=argv, prog_name="ppvi", standalone_mode=False)
+        code = cli.main(args=args, prog_name="ppvi", standalone_mode=False, obj={"argv": args})
         return code if isinstance(code, int) else 0
     except click.exceptions.Exit as stop:
         return stop.exit_code
     except click.ClickException as error:
-        error.show()
+        if distributed.env_rank() == 0:
+            error.show()
         return 2 if error.exit_code in (1, 2) else error.exit_code
-    except click.exceptions.Abort:
+    except distributed.PeerLost:  # another rank failed and says why; torchrun stops this one
+        if debug:
+            raise
+        return 1
+    except click.exceptions.Abort as stop:  # click turns Ctrl-C into Abort (its cause) outside standalone mode
+        if isinstance(stop.__cause__, KeyboardInterrupt):
+            return _interrupted(args)
         console.print("aborted.")
         return 1
+    except KeyboardInterrupt:
+        return _interrupted(args)
     except UsageError as error:
         if debug:
             raise
+        _rank_scope()
         # Pyro appends a table of trace shapes to errors raised inside a model or guide: keep the message
         message = re.split(r"\n\s*Trace Shapes:", str(error))[0].rstrip()
         console.print(f"error: {message}", soft_wrap=True)
         return 2
-    except TrainingDiverged as error:
+    except TrainingDiverged as error:  # every rank sees the same all-reduced ELBO: rank 0 says it
         if debug:
             raise
         console.print(f"error: training diverged: {error}", soft_wrap=True)
         return 1
-    except KeyboardInterrupt:
-        console.print("interrupted; continue with `ppvi fit --resume RUN_DIR`.")
-        return 130
+    except (OSError, MemoryError) as error:  # a full disk, a folder that is a file, no permission: not a bug in ppvi
+        if debug:
+            raise
+        console.print(f"error: {_describe_os_error(error, args)}", soft_wrap=True)
+        return 2
     except Exception as error:  # an internal failure: say so plainly, traceback on request
         if debug:
             raise
-        console.print(f"internal error: {type(error).__name__}: {error}\n(set PPVI_DEBUG=1 for the traceback)", soft_wrap=True)
+        _rank_scope()
+        console.print(
+            f"internal error: {type(error).__name__}: {error}\nThis is a bug in ppvi: please report it to {REPORT_TO}; "
+            "set PPVI_DEBUG=1 to see the traceback.",
+            soft_wrap=True,
+        )
         return 1
+
+
+def _run_dir_argument(args: list[str]) -> str | None:
+    """The run directory a ``fit`` command line writes (--resume DIR or --out DIR), if it names one."""
+    for flag in ("--resume", "--out"):
+        for index, arg in enumerate(args[:-1]):
+            if arg == flag:
+                return args[index + 1]
+        for arg in args:
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _interrupted(args: list[str]) -> int:
+    run_dir = _run_dir_argument(args) if "fit" in args else None
+    if run_dir is not None and (Path(run_dir) / "config.json").is_file():
+        console.print(f"interrupted; continue with `ppvi fit --resume {run_dir}`.", soft_wrap=True)
+    elif run_dir is not None:
+        console.print(f"interrupted before anything was saved in {run_dir}; start the fit again.", soft_wrap=True)
+    elif "fit" in args:
+        console.print("interrupted; continue with `ppvi fit --resume RUN_DIR` (the run directory printed above).", soft_wrap=True)
+    else:
+        console.print("interrupted.")
+    return 130
+
+
+def _describe_os_error(error: BaseException, args: list[str]) -> str:
+    if isinstance(error, MemoryError):
+        return "out of memory (MemoryError); use smaller data, a smaller --batch-size or fewer samples."
+    path = error.filename if getattr(error, "filename", None) else None
+    cause = error.strerror or str(error) or type(error).__name__
+    text = f"{path}: {cause}" if path else f"{type(error).__name__}: {cause}"
+    hint = {
+        errno.ENOSPC: "free some space",
+        errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+        errno.EACCES: "choose a folder you may write",
+        errno.EROFS: "choose a folder on a writable disk",
+        errno.EDQUOT: "free some space",
+    }.get(error.errno)
+    text += f" ({type(error).__name__}); {hint}." if hint else f" ({type(error).__name__})."
+    run_dir = _run_dir_argument(args) if "fit" in args else None
+    if run_dir is not None and (Path(run_dir) / "params.pt").is_file():
+        text += f" The last checkpoint in {run_dir} is intact: continue with `ppvi fit --resume {run_dir}`."
+    return text
 
 
 if __name__ == "__main__":

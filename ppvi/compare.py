@@ -1,4 +1,4 @@
-"""Comparing ELBO traces of several runs: one tidy DataFrame, one seaborn figure."""
+"""Comparing ELBO traces of several runs: one tidy DataFrame, final ELBOs, one seaborn figure (:mod:`ppvi.plots`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import rundir
+from .plots import plot_traces  # re-exported: ppvi.plot_traces
 
-__all__ = ["compare_runs", "plot_traces"]
+__all__ = ["compare_runs", "final_elbo", "final_elbos", "plot_traces"]
 
 
 def compare_runs(run_dirs) -> pd.DataFrame:
@@ -38,23 +39,23 @@ def compare_runs(run_dirs) -> pd.DataFrame:
     return frame[first + [column for column in frame.columns if column not in first]]
 
 
-def plot_traces(frame: pd.DataFrame, *, ax=None, hue: str = "run", smooth: int = 1):
-    """Overlay ELBO traces (one line per ``hue`` value, restarts as a band) and return the axes.
+def final_elbo(elbo: pd.Series) -> float:
+    """The final ELBO of one restart: the median over the last tenth of its steps.
 
-    ``smooth`` > 1 applies a centred rolling mean of that many steps per run and restart.
+    One step is noisy, and heavy-tailed importance weights can throw single steps far off: a median
+    is not moved by them. (``FitResult.restarts[r].final_elbo`` is the same number.)
     """
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    tail = max(1, len(elbo) // 10)
+    return float(elbo.iloc[-tail:].median())
 
-    if smooth > 1:
-        frame = frame.assign(
-            elbo=frame.groupby([hue, "restart"])["elbo"].transform(lambda s: s.rolling(smooth, center=True, min_periods=1).mean())
-        )
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-    sns.lineplot(data=frame, x="step", y="elbo", hue=hue, errorbar=("pi", 100), ax=ax, linewidth=0.9)
-    low, high = frame["elbo"].quantile([0.05, 1.0])
-    if frame["elbo"].min() < low - (high - low):
-        ax.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
-    ax.set(xlabel="step", ylabel="ELBO")
-    return ax
+
+def final_elbos(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of :func:`compare_runs`' frame: run, model, guide, estimator, steps and final_elbo.
+
+    ``final_elbo`` is a list with :func:`final_elbo` of each restart, in restart order.
+    """
+    rows = []
+    for (run, model, guide, estimator), group in frame.groupby(["run", "model", "guide", "estimator"], sort=False):
+        finals = [final_elbo(restart["elbo"]) for _, restart in group.groupby("restart")]
+        rows.append(dict(run=run, model=model, guide=guide, estimator=estimator, steps=int(group["step"].max()) + 1, final_elbo=finals))
+    return pd.DataFrame(rows, columns=["run", "model", "guide", "estimator", "steps", "final_elbo"])

@@ -9,7 +9,6 @@ options are generated from the fields below), config.json (``"settings"``) and
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -73,9 +72,9 @@ class FitConfig:
             raise UsageError(f"--init must be one of {', '.join(INIT_CHOICES)} (got {self.init!r}).")
         for name in ("steps", "epochs", "batch_size", "num_particles", "restarts", "checkpoint_every", "max_steps", "threads"):
             positive(name.replace("_", "-"), getattr(self, name))
-        for name in ("lr", "lr_decay", "clip_norm", "temperature", "min_temperature"):
+        for name in ("lr", "lr_decay", "clip_norm"):
             positive(name.replace("_", "-"), getattr(self, name), kind=float)
-        finite("anneal-rate", self.anneal_rate, low=0.0)
+        # the estimator options (baseline, temperature ...) are checked by the estimators, where they are used
         finite("seed", self.seed, kind=int, low=0, high=MAX_SEED - self.restarts + 1)
         if self.betas is not None:
             if len(self.betas) != 2:
@@ -166,7 +165,3 @@ class FitConfig:
             "restarts": config.get("restarts", 1),
             "checkpoint_every": config.get("checkpoint_every"),
         }
-
-
-def check_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -92,7 +92,14 @@ def read_csv(path: str | Path, *, min_rows: int = 2) -> torch.Tensor:
             "every value must be a number."
         )
     # copy=True: pandas (copy-on-write) hands out read-only arrays, which torch warns about
-    values = torch.as_tensor(numeric.to_numpy(dtype=np.float64, copy=True), dtype=torch.get_default_dtype())
+    wide = numeric.to_numpy(dtype=np.float64, copy=True)
+    limit = torch.finfo(torch.get_default_dtype()).max
+    for row, col in np.argwhere(np.isfinite(wide) & (np.abs(wide) > limit))[:1]:  # finite here, infinite once converted
+        raise DataError(
+            f"{path}: value {frame.iloc[row, col]} in row {row + 1}, column {col + 1} is beyond the range of "
+            f"{torch.get_default_dtype()} (+-{limit:.3g}); rescale the data."
+        )
+    values = torch.as_tensor(wide, dtype=torch.get_default_dtype())
     return check_points(values, name=str(path), min_rows=min_rows)
 
 
@@ -115,10 +122,23 @@ def check_points(values: torch.Tensor, *, name: str, min_rows: int = 2) -> torch
     return values
 
 
-def standardize(values: torch.Tensor) -> torch.Tensor:
-    """Centre each column and scale it to unit standard deviation (constant columns are only centred)."""
-    scale = values.std(dim=0, keepdim=True)
-    return (values - values.mean(dim=0, keepdim=True)) / torch.where(scale > 0, scale, torch.ones_like(scale))
+def standardize(values: torch.Tensor, *, name: str = "data") -> torch.Tensor:
+    """Centre each column and scale it to unit standard deviation (constant columns are only centred).
+
+    Computed in float64 on each column divided by its largest magnitude, so finite values near the
+    type's limit (3e38 in float32) do not overflow in the sum of squares; a result that is still not
+    finite (infinite input) raises a DataError naming ``name`` and the cause.
+    """
+    wide = values.double()
+    # (x - mean) / std is unchanged by dividing x by its largest magnitude first, and then no square can overflow
+    magnitude = wide.abs().amax(dim=0, keepdim=True)
+    wide = wide / torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+    scale = wide.std(dim=0, keepdim=True)
+    result = (wide - wide.mean(dim=0, keepdim=True)) / torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not torch.isfinite(result).all():
+        column = int((~torch.isfinite(result)).nonzero()[0, 1])
+        raise DataError(f"{name}: column {column + 1} overflows when standardised (values too large for {values.dtype}); rescale the data.")
+    return result.to(values.dtype)
 
 
 def old_faithful() -> torch.Tensor:

@@ -20,18 +20,20 @@ import pandas as pd
 import pyro
 import torch
 
-from . import rundir
+from . import distributed, rundir
 from .batching import Batches, batch_at, load_data_tensors
 from .checkpoint import RunWriter
 from .config import FitConfig
 from .convergence import Stationarity, default_threads, load_unconstrained_, q_scales, threads_scope
 from .distributed import LocalComm
 from .errors import TrainingDiverged, UsageError
-from .estimators import EstimatorSettings, choose_estimator, inspect_sites, make_estimator
-from .gallery import ModelFile, load_model
+from .estimators import EstimatorSettings, build, probe
+from .gallery import ModelFile, gallery_dir, load_model
 from .init import disperse_, precondition_, start_
 from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
 from .results import FitResult, RestartResult
+from .runs import resolve_model
+from .version import __version__
 
 __all__ = ["fit", "resume", "train", "resolve_device", "FitConfig", "FitResult", "RestartResult", "ElboBuffer", "SYNC_EVERY"]
 
@@ -68,24 +70,30 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     estimator_settings = _estimator_settings(config)
     config = dataclasses.replace(config.resolve(model_file.fit_defaults), guide=guide)
     options = model_file.make_options(options)
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     source, tensors = load_data_tensors(model_file, data, options, device)
     batches = Batches(next(iter(tensors.values())).shape[0], config.batch_size, config.seed, device)
     total_steps = config.steps if config.steps is not None else config.epochs * batches.steps_per_epoch()
+    writer = RunWriter(out, resume=resume, device=device, writer=distributed.env_rank() == 0, checkpoint_every=config.checkpoint_every)
+    # refuse what cannot run at this world size on every rank alike, then join the process group (one barrier)
+    distributed.check_world_size(batches.batch_size, batches.num_data, rundir.read_config(out).get("world_size", 1) if resume else None)
+    comm = distributed.connect(device)
     job = FitJob(model_file, config, estimator_settings, options, tensors, batches, total_steps, device,
-                 record=_record(model, model_file, config, options, source, batches, total_steps, device),
-                 writer=RunWriter(out, resume=resume, device=device, checkpoint_every=config.checkpoint_every),
-                 log_fn=log_fn or (lambda message: None))
-    with fit_scope(), _progress(progress) as bar:
-        restarts = [_fit_restart(job, restart, bar) for restart in range(config.restarts)]
-    result = FitResult(
-        params=None, elbo_trace=pd.concat([r.elbo_trace for r in restarts], ignore_index=True),
-        estimator=job.record["estimator"], estimator_reason=job.record["estimator_reason"], device=device, seed=config.seed,
-        config=job.record, restarts=restarts, model_file=model_file, options=options, data=tensors,
-        run_dir=Path(out) if out is not None else None,
-    )
-    job.record.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restarts])
-    job.writer.finish(job.record, f"{model_file.name} / {guide} / {result.estimator}")
+                 record=_record(model_file, config, options, source, batches, total_steps, device) | {"world_size": comm.world_size},
+                 writer=writer, log_fn=log_fn or (lambda message: None), comm=comm)
+    try:
+        with fit_scope(), job.writer.opened(), _progress(progress) as bar:
+            restarts = [_fit_restart(job, restart, bar) for restart in range(config.restarts)]
+            result = FitResult(
+                params=None, elbo_trace=pd.concat([r.elbo_trace for r in restarts], ignore_index=True),
+                estimator=job.record["estimator"], estimator_reason=job.record["estimator_reason"], device=device, seed=config.seed,
+                config=job.record, restarts=restarts, model_file=model_file, options=options, data=tensors,
+                run_dir=Path(out) if out is not None else None,
+            )
+            job.record.update(status="completed", best_restart=result.best.restart, final_elbo=[r.final_elbo for r in restarts])
+            job.writer.finish(job.record, f"{model_file.name} / {guide} / {result.estimator}")
+    finally:
+        distributed.disconnect()
     return result
 
 
@@ -104,6 +112,7 @@ class FitJob:
     record: dict  # config.json
     writer: RunWriter
     log_fn: Callable[[str], None]
+    comm: object = LocalComm()  # data-parallel hooks (ppvi.distributed)
 
 
 def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
@@ -117,16 +126,18 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
         if restart == 0:
             job.log_fn(f"estimator: {estimator.name} ({estimator.reason})")
             job.record.update(estimator=estimator.name, estimator_reason=estimator.reason, sites=sites,
-                              estimator_options=_relevant(estimator.name, job.estimator_settings, job.total_steps))
-            job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
+                              estimator_options=estimator.options)
         store = pyro.get_param_store()
         beginning = start_(config.init if job.batches.batch_size is None else "default", model_fn, guide_fn, first, job.options)
         if restart > 0:  # restart 0 starts where `beginning` put it; the others dispersed around it
             disperse_(store, seed=seed, step_scales=beginning.step_scales)
         pyro.set_rng_seed(seed)  # training draws the same numbers however much the set-up drew
+        job.comm.broadcast_([value for _, value in store.named_parameters()])  # every rank starts from rank 0's values
         optimizer = precondition_(_optimizer(store, config, job.device), beginning.step_scales)
         monitor = Stationarity(trainable_params(store), scale_fn=lambda: q_scales(store)) if config.auto_stop else None
-        start, elapsed, trace = job.writer.restore(restart, store, optimizer)
+        start, elapsed, trace = job.writer.restore(restart, store, optimizer)  # refuses parameters that do not fit the pair
+        if restart == 0:  # every check passed: only now does the run directory change
+            job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
         scoped = loop_needs_device_scope(model_fn, guide_fn, first, job.options, device=job.device)
         label = f"{job.model_file.name}/{config.guide}" + (f" restart {restart}" if config.restarts > 1 else "")
         task = bar.add_task(label, total=job.total_steps, completed=start, elbo="...")
@@ -135,7 +146,7 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
             try:
                 trace, _ = train(
                     estimator=estimator, data=job.data, options=job.options, batches=job.batches, optimizer=optimizer,
-                    config=config, total_steps=job.total_steps, restart=restart, start=start, elapsed=elapsed, trace=trace,
+                    config=config, total_steps=job.total_steps, restart=restart, start=start, elapsed=elapsed, trace=trace, comm=job.comm,
                     checkpoint_fn=lambda step, seconds, done, rows: job.writer.checkpoint(
                         restart, store=store, optimizer=optimizer, step=step, elapsed=seconds, seed=seed, done=done, trace=rows),
                     checkpoint_due=job.writer.due,
@@ -170,7 +181,7 @@ def train(*, estimator, data: dict, options, batches: Batches, optimizer, config
     clock = time.perf_counter() - elapsed
     with pyro.validation_enabled(False):
         for step in range(start, total_steps):
-            batch = batch_at(data, comm.shard(batches.index(step)), batches.num_data, batches.batch_size is None)
+            batch = batch_at(data, comm.shard(batches.index(step)), batches.num_data, batches.batch_size is None and comm.world_size == 1)
             elbo, loss = _step(estimator, batch, options, step, optimizer, config, total_steps, comm, restart)
             buffer.record(step, elbo, loss, time.perf_counter() - clock)
             if monitor is not None:
@@ -245,9 +256,10 @@ def _step(estimator, batch, options, step: int, optimizer, config: FitConfig, to
         if any(not torch.isfinite(value).all() for _, value in store.named_parameters()):
             raise TrainingDiverged(f"parameters became non-finite before step {step} (restart {restart}): {str(error).splitlines()[0]}", step) from None
         raise
-    _adopt_new_params(store, optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    comm.average_gradients_(params)
+    _adopt_new_params(store, optimizer, comm)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    comm.average_gradients_(params)  # the same list on every rank, whichever gradients this rank's shard made
+    params = [p for p in params if p.grad is not None]
     if config.clip_norm is not None:  # as Pyro's ClippedAdam: each gradient element clamped to [-C, C]
         for param in params:
             param.grad.clamp_(-config.clip_norm, config.clip_norm)
@@ -259,13 +271,14 @@ def _step(estimator, batch, options, step: int, optimizer, config: FitConfig, to
     return elbo, loss
 
 
-def _adopt_new_params(store, optimizer) -> None:
+def _adopt_new_params(store, optimizer, comm) -> None:
     """A site that created parameters lazily (a neural baseline): let Adam see them too."""
     if len(store.keys()) == getattr(optimizer, "_ppvi_known", -1):
         return
     seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
     new = [p for p in trainable_params(store).values() if id(p) not in seen]
     if new:  # (a decaying-average baseline is state, not a parameter: no group for it)
+        comm.broadcast_(new)  # data-parallel: rank 0's initial values
         optimizer.add_param_group({"params": new})
     optimizer._ppvi_known = len(store.keys())
 
@@ -285,24 +298,12 @@ def _estimator_settings(config: FitConfig) -> EstimatorSettings:
 
 
 def _build_estimator(config: FitConfig, settings: EstimatorSettings, model_fn, guide_fn, batch, options, total_steps: int):
+    """Probe the pair once (this also creates its parameters), then choose and build the estimator."""
     with pyro.validation_enabled(True):
-        sites, plate_depth = inspect_sites(model_fn, guide_fn, batch, options)  # also creates the parameters
-        name, reason = choose_estimator(config.estimator, sites, settings)
-        estimator = make_estimator(
-            name, reason, sites, model_fn, guide_fn, batch, options, num_particles=config.num_particles,
-            vectorize_particles=config.vectorize_particles, max_plate_nesting=plate_depth, settings=settings, total_steps=total_steps,
-        )
-    return estimator, [dataclasses.asdict(site) for site in sites]
-
-
-def _relevant(estimator: str, settings: EstimatorSettings, total_steps: int) -> dict:
-    """The estimator options in effect for the chosen estimator (config.json)."""
-    values = settings.resolved(total_steps)
-    if estimator == "score":
-        return {"baseline": values["baseline"]}
-    if estimator == "gumbel":
-        return {name: values[name] for name in EstimatorSettings.GUMBEL_FIELDS}
-    return {}
+        info = probe(model_fn, guide_fn, batch, options)
+        estimator = build(config.estimator, info, model_fn, guide_fn, batch, options, settings=settings,
+                          num_particles=config.num_particles, vectorize_particles=config.vectorize_particles, total_steps=total_steps)
+    return estimator, [dataclasses.asdict(site) for site in info.sites]
 
 
 def _restart_result(restart: int, seed: int, store, trace: pd.DataFrame, model_fn, guide_fn) -> RestartResult:
@@ -333,12 +334,10 @@ def _settings_differ(old: dict, config: FitConfig) -> list[str]:
     return config.differences(before)
 
 
-def _record(model, model_file, config: FitConfig, options, source, batches: Batches, total_steps: int, device: torch.device) -> dict:
+def _record(model_file, config: FitConfig, options, source, batches: Batches, total_steps: int, device: torch.device) -> dict:
     """config.json: the settings (to rerun) and what they resolved to (to read)."""
-    from . import __version__
-
     return {
-        "model": model_file.name if Path(str(model)).suffix != ".py" else str(model_file.path),
+        "model": model_file.name if model_file.path.parent == gallery_dir() else str(model_file.path),
         "model_path": str(model_file.path),
         "model_sha256": model_file.sha256,
         "settings": config.to_dict(),
@@ -372,15 +371,22 @@ def _progress(enabled: bool):
     )
 
 
-def resume(run_dir: str | Path, *, progress: bool = False, log_fn=None) -> FitResult:
-    """Continue an interrupted run from its last checkpoint, with the settings in its config.json."""
-    config = rundir.read_config(run_dir)
+def resume(run_dir: str | Path, *, model=None, trust_model: bool = False, progress: bool = False, log_fn=None) -> FitResult:
+    """Continue an interrupted run from its last checkpoint, with the settings in its config.json.
+
+    A run directory is data, never code: a model *file* it names is imported only when the caller names
+    it (``model``) or trusts it (``trust_model``); see :func:`ppvi.runs.resolve_model`.
+    """
+    config = rundir.read_config(run_dir, require=rundir.RESUME_KEYS)
+    if config.get("status") == "completed" and rundir.load_checkpoint(run_dir) is None:
+        raise UsageError(f"--resume {run_dir}: the run is completed but its {rundir.PARAMS} is missing; there is nothing to continue: start a new run.")
     data = None if config.get("data") == "built-in" else config.get("data")
     if data == "in-memory":
         raise UsageError(f"{run_dir}: the run was fitted on in-memory data; call ppvi.fit(..., data=..., out=..., resume=True).")
+    model_file = resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=log_fn)
     settings = config.get("settings")
     settings = FitConfig.from_dict(settings).to_dict() if isinstance(settings, dict) else FitConfig.legacy(config)
     settings["device"] = str(settings.get("device", "auto")).split(":")[0]
     guide = settings.pop("guide")
-    return fit(config["model"], guide, data=data, options=config.get("options"), out=run_dir, resume=True,
+    return fit(model_file, guide, data=data, options=config.get("options"), out=run_dir, resume=True,
                progress=progress, log_fn=log_fn, **settings)

@@ -35,6 +35,7 @@ import hashlib
 import importlib.util
 import sys
 import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,12 @@ class ModelFile:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"model {self.name!r} has no option {unknown[0]!r}; its options are: {', '.join(sorted(known))}.")
+        from .pyro_util import finite
+
+        hints = typing.get_type_hints(cls)
+        for name, value in values.items():  # nan passes `scale > 0` checks in __post_init__: refuse non-finite numbers first
+            if hints.get(name) is float and isinstance(value, float):
+                finite(name.replace("_", "-"), value)
         try:
             return cls(**values)
         except (ValueError, TypeError) as error:

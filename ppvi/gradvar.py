@@ -26,27 +26,30 @@ import contextlib
 from pathlib import Path
 
 import pandas as pd
-import pyro
 import torch
 
-from .errors import UsageError
-from .estimators import ESTIMATORS, BASELINES, EstimatorSettings, choose_estimator, feasible_estimators, inspect_sites, make_estimator
+import pyro
 
-__all__ = ["gradient_variance", "parse_estimator", "plot_gradient_variance", "DEFAULT_ESTIMATORS"]
+from .errors import UsageError
+from .estimators import BASELINES, EstimatorSettings, build, feasible_estimators, probe, spec
+from .pyro_util import finite, is_baseline_state, positive, rng_scope
+
+__all__ = ["DEFAULT_ESTIMATORS", "gradient_variance", "parse_estimator", "plot_gradient_variance"]
 
 DEFAULT_ESTIMATORS = ("reparam", "score:none", "score:average", "score:neural", "enum", "gumbel", "iwae")
-BASELINE_PREFIXES = ("_ppvi_baseline.", "__baseline")
 
 
-def parse_estimator(spec: str) -> tuple[str, EstimatorSettings]:
+def parse_estimator(text: str) -> tuple[str, EstimatorSettings]:
     """``score:neural`` -> ("score", baseline="neural"); ``gumbel`` -> ("gumbel", defaults)."""
-    name, _, option = spec.partition(":")
-    if name not in ESTIMATORS or name == "auto":
-        raise UsageError(f"unknown estimator {spec!r} for gradvar; choose from: {', '.join(DEFAULT_ESTIMATORS)} (score:none|average|neural).")
+    name, _, option = text.partition(":")
+    if name == "auto":
+        choices = ", ".join(DEFAULT_ESTIMATORS)
+        raise UsageError(f"gradvar measures named estimators, not 'auto'; choose from: {choices} (score:none|average|neural).")
+    spec(name)  # refuses an unknown name, listing the registered ones
     if option and name != "score":
-        raise UsageError(f"{spec!r}: only score takes an option (score:none, score:average, score:neural).")
+        raise UsageError(f"{text!r}: only score takes an option (score:none, score:average, score:neural).")
     if option and option not in BASELINES:
-        raise UsageError(f"{spec!r}: unknown baseline {option!r}; choose one of: {', '.join(BASELINES)}.")
+        raise UsageError(f"{text!r}: unknown baseline {option!r}; choose one of: {', '.join(BASELINES)}.")
     return name, EstimatorSettings(baseline=option or None)
 
 
@@ -55,15 +58,15 @@ def _group(name: str) -> str:
 
 
 def _targets(store) -> dict[str, torch.Tensor]:
-    return {name: value for name, value in store.named_parameters() if not name.startswith(BASELINE_PREFIXES)}
+    return {name: value for name, value in store.named_parameters() if not is_baseline_state(name)}
 
 
 @contextlib.contextmanager
 def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
     """Yield (model_fn, guide_fn, batch, options, label) with the parameters in the param store."""
     from .batching import Batches, batch_at, load_data_tensors
-    from .pyro_util import resolve_device
     from .gallery import load_model
+    from .pyro_util import resolve_device
     from .runs import load_run, restart_params
 
     if run is not None:
@@ -94,7 +97,7 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
         model_fn, guide_fn = model_file.build_pair(guide, options, tensors)
         batches = Batches(num_data, batch_size, seed, torch_device)
         batch = batch_at(tensors, batches.index(0), num_data, batches.batch_size is None)
-        inspect_sites(model_fn, guide_fn, batch, options)  # creates the parameters, seeded
+        probe(model_fn, guide_fn, batch, options)  # creates the parameters, seeded
         stream = Batches(num_data, batch_size, seed + 1, torch_device)
         sample = lambda step: batch_at(tensors, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
         yield model_fn, guide_fn, batch, options, f"{model_file.name}/{guide} at its initial parameters (seed {seed})", sample
@@ -161,6 +164,31 @@ def _warmup(estimator, sample, options, steps: int, lr: float) -> None:
         estimator.baselines.baseline_beta = 1.0  # average_new = 0 * cost + 1 * average_old: frozen
 
 
+def _measure(name: str, settings, text: str, pair, *, num_particles: int, num_draws: int, warmup: int, warmup_lr: float):
+    """One estimator's table: built for the probed pair, its baseline warmed up, then ``num_draws`` gradients."""
+    info, model_fn, guide_fn, batch, options, sample = pair
+    particles = num_particles if name != "iwae" or num_particles > 1 else 5
+    with pyro.validation_enabled(False):
+        estimator = build(name, info, model_fn, guide_fn, batch, options, settings=settings,
+                          num_particles=particles, vectorize_particles=particles > 1 and name == "iwae")
+        if name == "score" and settings.resolved()["baseline"] != "none" and warmup:
+            _warmup(estimator, sample, options, warmup, warmup_lr)
+        frame = _draws(estimator, batch, options, _targets(pyro.get_param_store()), num_draws)
+    frame.insert(0, "estimator", text if name != "iwae" else f"iwae (K={particles})")
+    frame["num_draws"] = num_draws
+    return frame
+
+
+def _reset(store, start: dict) -> None:
+    """Every estimator starts from the same parameters and no baseline state."""
+    with torch.no_grad():
+        for name, value in store.named_parameters():
+            if name in start:
+                value.copy_(start[name])
+    for name in [n for n in store if is_baseline_state(n) and n not in start]:
+        del store[name]
+
+
 def gradient_variance(
     model: str | None = None,
     *,
@@ -205,50 +233,33 @@ def gradient_variance(
     """
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
         raise UsageError(f"--num-draws must be an integer of at least 2 (got {num_draws!r}).")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise UsageError(f"--warmup must be a non-negative integer (got {warmup!r}).")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise UsageError(f"--num-particles must be a positive integer (got {num_particles!r}).")
+    finite("warmup", warmup, kind=int, low=0)
+    positive("num-particles", num_particles)
+    positive("batch-size", batch_size)  # 0 would otherwise mean "the default size"
     if (model is None) == (run is None):
         raise UsageError("give a MODEL (its initial parameters) or a run directory (its fitted parameters), not both.")
     explicit = estimators is not None
-    specs = [parse_estimator(spec) + (spec,) for spec in (estimators or DEFAULT_ESTIMATORS)]
+    requested = [parse_estimator(text) + (text,) for text in (estimators or DEFAULT_ESTIMATORS)]
     log_fn = log_fn or (lambda message: None)
     frames = []
-    with _setup(model, guide, data, options, run, restart, batch_size, seed, device) as (model_fn, guide_fn, batch, options_value, label, sample):
+    setup = _setup(model, guide, data, options, run, restart, batch_size, seed, device)
+    with rng_scope(), setup as (model_fn, guide_fn, batch, options_value, label, sample):
         log_fn(f"gradients at {label}, a fixed batch of {len(batch.index)} points, {num_draws} draws per estimator")
         with pyro.validation_enabled(True):
-            sites, depth = inspect_sites(model_fn, guide_fn, batch, options_value)
-        works = feasible_estimators(sites)
-        store = pyro.get_param_store()
-        start = {name: value.detach().clone() for name, value in store.named_parameters()}
-        for name, settings, spec in specs:
-            if name not in works:
-                if explicit:
-                    choose_estimator(name, sites, settings)  # raises with the reason
+            info = probe(model_fn, guide_fn, batch, options_value)
+        works = feasible_estimators(info)
+        start = {name: value.detach().clone() for name, value in pyro.get_param_store().named_parameters()}
+        for name, settings, text in requested:
+            if name not in works and not explicit:
                 continue
             if name == "gumbel" and temperature is not None:
                 settings = EstimatorSettings(temperature=temperature, anneal_rate=0.0, min_temperature=temperature)
-            particles = num_particles if name != "iwae" or num_particles > 1 else 5
-            with torch.no_grad():  # every estimator starts from the same parameters and baseline state
-                for param_name, value in store.named_parameters():
-                    if param_name in start:
-                        value.copy_(start[param_name])
-            for param_name in [n for n in store.keys() if n.startswith(BASELINE_PREFIXES) and n not in start]:
-                del store[param_name]
+            _reset(pyro.get_param_store(), start)
             pyro.set_rng_seed(seed)
-            chosen_name, reason = choose_estimator(name, sites, settings)
-            with pyro.validation_enabled(False):
-                estimator = make_estimator(chosen_name, reason, sites, model_fn, guide_fn, batch, options_value,
-                                           num_particles=particles, vectorize_particles=particles > 1 and name == "iwae",
-                                           max_plate_nesting=depth, settings=settings)
-                if name == "score" and settings.resolved()["baseline"] != "none" and warmup:
-                    _warmup(estimator, sample, options_value, warmup, warmup_lr)
-                frame = _draws(estimator, batch, options_value, _targets(store), num_draws)
-            frame.insert(0, "estimator", spec if name != "iwae" else f"iwae (K={particles})")
-            frame["num_draws"] = num_draws
-            frames.append(frame)
-            log_fn(f"  {spec}: done")
+            pair = (info, model_fn, guide_fn, batch, options_value, sample)
+            frames.append(_measure(name, settings, text, pair, num_particles=num_particles, num_draws=num_draws,
+                                   warmup=warmup, warmup_lr=warmup_lr))
+            log_fn(f"  {text}: done")
     if not frames:
         raise UsageError("none of the requested estimators can fit this model/guide pair.")
     return pd.concat(frames, ignore_index=True)

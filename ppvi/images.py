@@ -76,23 +76,49 @@ def _describe_magic(magic: int) -> str:
     return f"{magic} ({type_name}, {num_dims} dimension{'s' if num_dims != 1 else ''})"
 
 
-def _read_bytes(path: Path) -> tuple[bytes, bool]:
-    """The file's contents, gunzipped when it starts with the gzip magic bytes (whatever its name); and whether it was."""
+# The most an IDX file may declare (header plus data): MNIST's training images are 47 MB, EMNIST's largest 550 MB.
+MAX_IDX_BYTES = 2**30
+# deflate cannot expand by more than about 1032:1, so a gzip file declaring more than this ratio is cut short (or a bomb)
+MAX_GZIP_RATIO = 1100
+_CHUNK = 2**22
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: no such file.")
     if path.is_dir():
         raise DataError(f"{path}: is a folder, expected an IDX file.")
-    raw = path.read_bytes()
-    if not raw.startswith(GZIP_MAGIC):
-        return raw, False
+
+
+def _read_exactly(stream, size: int, path: Path, gzipped: bool) -> bytes:
+    """Up to ``size`` bytes from a (possibly gzip) stream, in bounded chunks: memory never exceeds ``size``."""
+    buffer = bytearray(size)
+    view, done = memoryview(buffer), 0
     try:
-        return gzip.decompress(raw), True
+        while done < size:
+            count = stream.readinto(view[done : done + _CHUNK])
+            if not count:
+                break
+            done += count
     except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError; a cut-off stream is an EOFError
+        if not gzipped:
+            raise
         raise DataError(f"{path}: corrupt or truncated gzip file ({error}).") from None
+    return bytes(view[:done]) if done < size else buffer
+
+
+def _count_rest(stream, path: Path, gzipped: bool, limit: int = 2**20) -> int:
+    """How many bytes are left in the stream (at most ``limit`` + 1 counted, so a bomb is not expanded)."""
+    rest = _read_exactly(stream, limit + 1, path, gzipped)
+    return len(rest)
 
 
 def read_idx(path: str | Path, *, magic: int | None = None) -> np.ndarray:
     """Read one IDX file, gzipped or not (detected from the gzip magic bytes, not the name).
+
+    The header is read first and checked against the file's size; the data are then read (or
+    decompressed, as a bounded stream) up to the declared length only, so a gzip bomb or a header
+    declaring more than :data:`MAX_IDX_BYTES` costs no memory.
 
     Parameters
     ----------
@@ -112,47 +138,78 @@ def read_idx(path: str | Path, *, magic: int | None = None) -> np.ndarray:
     ------
     DataError
         Not an IDX file, unsupported type code, a magic number other than
-        ``magic``, or a file length that does not match the header (truncated
-        or with trailing bytes); the message names the file.
+        ``magic``, a file length that does not match the header (truncated
+        or with trailing bytes), or a declared size beyond what ppvi reads; the
+        message names the file.
     """
     path = Path(path)
-    content, gzipped = _read_bytes(path)
-    if not content:
+    _check_file(path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+        shape, dtype, header_length = _read_header(stream, path, gzipped, magic)
+        expected_length = header_length + math.prod(shape) * dtype.itemsize
+        unzipped = "unzipped " if gzipped else ""
+        if expected_length > MAX_IDX_BYTES:
+            raise DataError(f"{path}: the IDX header declares shape {shape}, {expected_length} bytes, more than ppvi reads ({MAX_IDX_BYTES} bytes).")
+        if gzipped and expected_length > MAX_GZIP_RATIO * file_size + 2**16:
+            raise DataError(
+                f"{path}: truncated: the header declares shape {shape} ({expected_length} bytes in all), "
+                f"more than a {file_size}-byte gzip file can hold."
+            )
+        if not gzipped and file_size != expected_length:
+            content_length = file_size
+        else:
+            content = _read_exactly(stream, expected_length - header_length, path, gzipped)
+            content_length = header_length + len(content)
+            if content_length == expected_length:
+                content_length += _count_rest(stream, path, gzipped)
+        if content_length < expected_length:
+            raise DataError(
+                f"{path}: truncated: the header declares shape {shape} ({expected_length} bytes in all), "
+                f"but the {unzipped}file has {content_length} bytes."
+            )
+        if content_length > expected_length:
+            extra = content_length - expected_length
+            count = f"{extra}" if not gzipped or extra <= 2**20 else f"more than {2**20}"
+            raise DataError(
+                f"{path}: {count} bytes beyond the end of the data that the header "
+                f"declares (shape {shape}); not a well-formed IDX file."
+            )
+    values = np.frombuffer(content, dtype=dtype).reshape(shape)
+    return values.astype(dtype.newbyteorder("="))  # a writable copy in native byte order
+
+
+def _read_header(stream, path: Path, gzipped: bool, magic: int | None) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, header length) from the first bytes of an IDX stream, checked."""
+    start = _read_exactly(stream, 4, path, gzipped)
+    if not start:
         raise DataError(f"{path}: not an IDX file (the {'unzipped ' if gzipped else ''}file is empty).")
-    if len(content) < 4 or content[:2] != b"\x00\x00":
+    if len(start) < 4 or start[:2] != b"\x00\x00":
+        start = bytes(start) + bytes(_read_exactly(stream, 4, path, gzipped))
         raise DataError(
-            f"{path}: not an IDX file ({'unzipped, ' if gzipped else ''}it starts with {content[:8]!r}; "
+            f"{path}: not an IDX file ({'unzipped, ' if gzipped else ''}it starts with {start[:8]!r}; "
             "an IDX file starts with two zero bytes, a type code and the number of dimensions)."
         )
-    type_code, num_dims = content[2], content[3]
+    type_code, num_dims = start[2], start[3]
     if type_code not in IDX_TYPES:
         supported = ", ".join(f"0x{code:02X} ({name})" for code, (_, name) in IDX_TYPES.items())
         raise DataError(f"{path}: unsupported IDX type code 0x{type_code:02X}; the format defines {supported}.")
-    file_magic = int.from_bytes(content[:4], "big")
+    file_magic = int.from_bytes(start[:4], "big")
     if magic is not None and file_magic != magic:
         raise DataError(f"{path}: wrong magic number {_describe_magic(file_magic)}, expected {_describe_magic(magic)}.")
     if num_dims == 0:
         raise DataError(f"{path}: the IDX header declares 0 dimensions.")
     header_length = 4 + 4 * num_dims
-    if len(content) < header_length:
-        raise DataError(f"{path}: truncated: {len(content)} bytes, shorter than its own {header_length}-byte header.")
-    shape = tuple(int(size) for size in np.frombuffer(content, dtype=">i4", count=num_dims, offset=4))
+    sizes = _read_exactly(stream, 4 * num_dims, path, gzipped)
+    if len(sizes) < 4 * num_dims:
+        raise DataError(f"{path}: truncated: {4 + len(sizes)} bytes, shorter than its own {header_length}-byte header.")
+    shape = tuple(int(size) for size in np.frombuffer(bytes(sizes), dtype=">i4"))
     if min(shape) < 0:
         raise DataError(f"{path}: the IDX header declares a negative size, shape {shape}.")
-    dtype = IDX_TYPES[type_code][0]
-    expected_length = header_length + math.prod(shape) * dtype.itemsize
-    if len(content) < expected_length:
-        raise DataError(
-            f"{path}: truncated: the header declares shape {shape} ({expected_length} bytes in all), "
-            f"but the {'unzipped ' if gzipped else ''}file has {len(content)} bytes."
-        )
-    if len(content) > expected_length:
-        raise DataError(
-            f"{path}: {len(content) - expected_length} bytes beyond the end of the data that the header "
-            f"declares (shape {shape}); not a well-formed IDX file."
-        )
-    values = np.frombuffer(content, dtype=dtype, offset=header_length).reshape(shape)
-    return values.astype(dtype.newbyteorder("="))  # a writable copy in native byte order
+    return shape, IDX_TYPES[type_code][0], header_length
 
 
 def write_idx(path: str | Path, array) -> None:

@@ -35,10 +35,11 @@ match, site shapes, ordering of sites, full reparameterization) run only when
 
 from __future__ import annotations
 
-import pyro
-import pyro.poutine as poutine
 import torch
 from torch.nn import functional as F
+
+import pyro
+import pyro.poutine as poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement

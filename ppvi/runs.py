@@ -12,6 +12,7 @@ no global state behind.
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -22,14 +23,14 @@ import torch
 from . import rundir
 from .data import Batch
 from .errors import UsageError
+from .gallery import load_model
 from .pyro_util import rng_scope
 from .results import FitResult, RestartResult
-from .gallery import load_model
 
-__all__ = ["load_run", "restart_params", "full_batch", "rng_scope"]
+__all__ = ["load_run", "resolve_model", "restart_params", "full_batch", "rng_scope"]
 
 
-def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu") -> FitResult:
+def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu", model=None, trust_model: bool = False, log_fn=None) -> FitResult:
     """Rebuild a completed fit from its run directory (a :class:`FitResult` passes through).
 
     Parameters
@@ -38,6 +39,13 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
         A run directory written by ``ppvi fit --out DIR`` / ``ppvi.fit(..., out=DIR)``.
     device : str or torch.device
         Where to put the data and parameters (default CPU, whatever the fit used).
+    model : str or path, optional
+        The model file of a run fitted on a user's file: a run directory is data, never code, so the
+        file config.json names is imported only once the user names it (see :func:`resolve_model`).
+    trust_model : bool
+        Import the model file config.json names (its path and sha256 go to ``log_fn``).
+    log_fn : callable, optional
+        Receives the note about a trusted model file (default: stderr).
 
     Returns
     -------
@@ -48,8 +56,9 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
     Raises
     ------
     UsageError
-        No such directory, no config.json or params.pt, a run that is not completed,
-        in-memory data that cannot be rebuilt, or a model file changed since the fit.
+        No such directory, no config.json or params.pt, a run file that ppvi did not write, a run that is
+        not completed, in-memory data that cannot be rebuilt, a model file not named by the user, or a
+        model file changed since the fit.
     """
     if isinstance(run, FitResult):
         if not run.restarts:
@@ -67,25 +76,14 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu")
         }.get(status, f"its status is {status!r}")
         raise UsageError(f"{run_dir}: the run is not completed: {why}.")
     device = torch.device(device)
-    try:
-        checkpoint = rundir.load_checkpoint(run_dir, map_location=device)
-    except Exception as error:  # truncated or foreign file: torch raises several types
-        raise UsageError(f"{run_dir / rundir.PARAMS}: unreadable ({type(error).__name__}: {str(error).splitlines()[0]}).") from None
+    checkpoint = rundir.load_checkpoint(run_dir, map_location=device)
     if checkpoint is None:
         raise UsageError(f"{run_dir}: incomplete run directory: no {rundir.PARAMS}.")
-    snapshots = checkpoint.get("restarts", [])
-    if len(snapshots) != config.get("restarts") or not all(snapshot.get("done") for snapshot in snapshots):
-        raise UsageError(f"{run_dir}: incomplete run directory: {rundir.PARAMS} holds {sum(bool(s.get('done')) for s in snapshots)} of {config.get('restarts')} finished restart(s).")
+    snapshots = checkpoint["restarts"]
+    if len(snapshots) != config.get("restarts") or not all(snapshot["done"] for snapshot in snapshots):
+        raise UsageError(f"{run_dir}: incomplete run directory: {rundir.PARAMS} holds {sum(bool(s['done']) for s in snapshots)} of {config.get('restarts')} finished restart(s).")
 
-    try:
-        model_file = load_model(config["model"])
-    except UsageError as error:
-        raise UsageError(f"{run_dir}: cannot load the run's model: {error}") from None
-    if model_file.sha256 != config.get("model_sha256"):
-        raise UsageError(
-            f"{run_dir}: the model file {model_file.path} changed since the fit (sha256 {model_file.sha256[:12]}..., "
-            f"config.json has {str(config.get('model_sha256'))[:12]}...); the saved parameters may not fit it any more: refit."
-        )
+    model_file = resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=log_fn)
     guide = config.get("guide")
     if guide not in model_file.guides:
         raise UsageError(f"{run_dir}: model {model_file.name!r} has no guide {guide!r} any more.")
@@ -155,18 +153,93 @@ def restart_params(result: FitResult, restart: int | RestartResult) -> Iterator[
             guide_trace = poutine.trace(chosen.guide_fn).get_trace(batch, result.options)
             poutine.replay(chosen.model_fn, trace=guide_trace)(batch, result.options)
         current = dict(store.named_parameters())
-        missing = sorted(set(current) - set(chosen.unconstrained))
-        if missing:
-            raise UsageError(f"restart {chosen.restart}: the saved parameters lack {', '.join(missing)}; the model or guide changed since the fit.")
+        where = Path(result.run_dir) / rundir.PARAMS if result.run_dir is not None else Path(rundir.PARAMS)
+        rundir.check_params_match(where, chosen.restart, chosen.unconstrained, current)
         with torch.no_grad():
             for name, value in chosen.unconstrained.items():
                 if name in current:
-                    if current[name].shape != value.shape:
-                        raise UsageError(
-                            f"restart {chosen.restart}: parameter {name!r} has shape {tuple(value.shape)} in the run but "
-                            f"{tuple(current[name].shape)} in the guide now; the options or data changed since the fit."
-                        )
                     current[name].copy_(value.to(current[name].device))
                 elif not name.startswith("__baseline"):  # created inside a loss: unconstrained == constrained
                     store[name] = value
         yield chosen
+
+
+def resolve_model(config: dict, run_dir: Path, *, model=None, trust: bool = False, log_fn=None):
+    """The run's model, loaded only as the user allows: a run directory is data, never code.
+
+    A gallery name in config.json loads by name. A model *file* named by config.json is imported only
+    when the user names it (``model``, e.g. ``--model PATH``) or trusts it (``trust``, ``--trust-model``,
+    which reports the path and sha256 through ``log_fn``). Before any import the file's sha256 must match
+    config.json's ``model_sha256``.
+
+    Parameters
+    ----------
+    config : dict
+        The run's config.json, as :func:`read_config` returns it.
+    run_dir : path
+        The run directory (for messages).
+    model : str or path, optional
+        The model file (or gallery name) the user named for this run.
+    trust : bool
+        Load the file config.json names.
+    log_fn : callable, optional
+        Receives the path and sha256 of a trusted file (default: printed to stderr).
+
+    Returns
+    -------
+    ppvi.gallery.ModelFile
+
+    Raises
+    ------
+    UsageError
+        An untrusted model file (the message names it and both ways to allow it), a file that is missing
+        or changed since the fit, or a gallery name that no longer exists.
+    """
+    named = str(config["model"])
+    where = f"{Path(run_dir) / rundir.CONFIG}"
+    if model is None and not _is_file_name(named):
+        try:
+            return _checked(load_model(named), config, run_dir)
+        except UsageError as error:
+            raise UsageError(f"{run_dir}: cannot load the run's model: {error}") from None
+    chosen = Path(str(model)).expanduser() if model is not None else Path(named)
+    if model is not None and not _is_file_name(str(model)):
+        return _checked(load_model(str(model)), config, run_dir)
+    if not chosen.is_file():
+        raise UsageError(f"{where} names the model file {chosen}, which does not exist; name the file with --model PATH.")
+    digest = rundir.model_sha256(chosen)
+    expected = config.get("model_sha256")
+    if expected is not None and digest != expected:
+        raise UsageError(
+            f"{run_dir}: the model file {chosen} changed since the fit (sha256 {digest[:12]}..., config.json has "
+            f"{str(expected)[:12]}...); the saved parameters may not fit it any more: refit."
+        )
+    if model is None and not trust:
+        raise UsageError(
+            f"{where} names the model file {chosen}; ppvi imports no Python file named by a run directory until you "
+            f"name it (a run directory is data, never code). If you trust that file, name it: --model {chosen} "
+            f"(to resume: ppvi fit {chosen} --resume {run_dir}), or add --trust-model to load the file config.json "
+            f"names (sha256 {digest})."
+        )
+    if model is None:
+        (log_fn or _to_stderr)(f"trusting the model file {chosen.resolve()} (sha256 {digest}), named by {where}")
+    return load_model(str(chosen))
+
+
+def _is_file_name(text: str) -> bool:
+    return text.endswith(".py") or "/" in text or "\\" in text
+
+
+def _checked(model_file, config: dict, run_dir: Path):
+    expected = config.get("model_sha256")
+    if expected is not None and model_file.sha256 != expected:
+        raise UsageError(
+            f"{run_dir}: the model file {model_file.path} changed since the fit (sha256 {model_file.sha256[:12]}..., "
+            f"config.json has {str(expected)[:12]}...), or config.json was edited to name another model; "
+            "the saved parameters may not fit it any more: refit."
+        )
+    return model_file
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)

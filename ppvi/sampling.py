@@ -37,12 +37,12 @@ growing upwards.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UsageError
+from .plots import save_figure  # sampling.save_figure: the CLI saves latent_scatter with it
 from .results import FitResult
 from .runs import load_run, restart_params, rng_scope
 
@@ -260,8 +260,6 @@ def save_grid(images: np.ndarray, path, *, rows: int, cols: int, scale: int | No
     """Tile (n, H, W) images and save them as a PNG of exactly :func:`grid_pixel_shape` pixels (atomically)."""
     from matplotlib.figure import Figure  # not pyplot: no global backend or figure state touched (notebooks)
 
-    from .rundir import atomic_write
-
     images = np.asarray(images)
     height, width = images.shape[1:]
     scale = default_scale(height, width) if scale is None else scale
@@ -271,24 +269,8 @@ def save_grid(images: np.ndarray, path, *, rows: int, cols: int, scale: int | No
     ax = figure.add_axes([0, 0, 1, 1])
     ax.set_axis_off()
     ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=DPI))
+    save_figure(figure, path, dpi=DPI)
     return pixel_height, pixel_width
-
-
-def save_figure(ax, path) -> None:
-    """Save a matplotlib axes' figure as PNG atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    from .rundir import atomic_write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write(path, lambda temporary: ax.figure.savefig(temporary, format="png", dpi=110))
-    finally:
-        plt.close(ax.figure)
 
 
 def prior_grid_shape(n: int) -> tuple[int, int]:

@@ -22,7 +22,9 @@ import pandas as pd
 import torch
 from torch.distributions import Normal
 
-__all__ = ["worked_example", "format_table", "plot_worked_example", "score_variance", "pathwise_variance"]
+from .pyro_util import finite, positive
+
+__all__ = ["format_table", "pathwise_variance", "plot_worked_example", "score_variance", "worked_example"]
 
 ESTIMATORS = ("score", "pathwise")
 _CHUNK_ELEMENTS = 2**20  # samples held at once, over all repetitions: bounds memory whatever N is
@@ -86,15 +88,15 @@ def worked_example(
     analytic_variance (single-sample variance / N), variance_ratio (measured / analytic) and se_mean
     (``sqrt(variance / repetitions)``). Seeded in a forked RNG: the global torch RNG is left as it was.
     """
-    if repetitions < 2:
-        raise ValueError(f"repetitions must be at least 2 to estimate a variance, got {repetitions}")
+    finite("repetitions", repetitions, kind=int, low=2)  # two at least, to estimate a variance
+    finite("theta", theta)
+    sizes = [positive("sizes", n) for n in sizes]
     device = torch.device(device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     per_sample = {"score": score_variance(theta), "pathwise": pathwise_variance(theta)}
     rows = []
     with torch.random.fork_rng(devices=cuda):
         for n in sizes:
-            n = int(n)
             for estimator in ESTIMATORS:
                 torch.manual_seed(_seed_for(seed, n, estimator))
                 estimates = _estimates(estimator, theta, n, repetitions, device).double()

@@ -1,9 +1,10 @@
 """Estimator rules: which estimator `auto` picks, why, and which forced choices are refused."""
 
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+
+import pyro
+import pyro.distributions as dist
 
 import ppvi
 from ppvi.data import Batch

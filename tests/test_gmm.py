@@ -5,17 +5,19 @@ stated beside each assertion, from the sampling error of what is compared.
 """
 
 import numpy as np
-import pyro
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import BayesianGaussianMixture
 
+import pyro
+
 import ppvi
 from ppvi.data import Batch, old_faithful, standardize, synthetic_gmm
 from ppvi.estimators import inspect_sites, make_estimator
 from ppvi.init import kmeans
+from ppvi.modeling import GammaDirichlet
 
 GUIDES = ("meanfield", "map", "amortized")
 
@@ -56,14 +58,10 @@ def match(reference, estimate):
 # q(weights): the Dirichlet sampled through Gamma draws
 
 
-def gmm_module():
-    return ppvi.load_model("gmm").module
-
-
 def test_gamma_dirichlet_draws_have_the_dirichlet_mean_and_variance():
     concentration = torch.tensor([0.5, 2.0, 7.5])
     torch.manual_seed(0)
-    draws = gmm_module().GammaDirichlet(concentration).rsample((20_000,))
+    draws = GammaDirichlet(concentration).rsample((20_000,))
     exact = torch.distributions.Dirichlet(concentration)
     # Standard error of a mean of 20,000 draws: sd / 141 (4 of them allowed). Relative standard
     # error of a variance: sqrt((kurtosis - 1) / 20,000), largest for the skewed marginal
@@ -78,7 +76,7 @@ def test_meanfield_weights_gradient_is_finite_on_cuda_at_a_million_points():
     # (pytorch/pytorch#57447), and the meanfield fit on a million points diverged within 10 steps.
     concentration = torch.tensor([2e5, 3e5, 1e5, 2.5e5, 1.5e5], device="cuda", requires_grad=True)
     for _ in range(200):
-        (gmm_module().GammaDirichlet(concentration).rsample() * torch.arange(5.0, device="cuda")).sum().backward()
+        (GammaDirichlet(concentration).rsample() * torch.arange(5.0, device="cuda")).sum().backward()
         assert torch.isfinite(concentration.grad).all()
         concentration.grad = None
     x, _ = synthetic_gmm(1_000_000, 5, 2, seed=0, separation=2.0)
@@ -268,6 +266,7 @@ def test_fit_ends_with_one_component_per_cluster(data_seed, seed):
     # (data set, fit seed) pairs where ppvi's earlier plain k-means++ started two components in
     # one cluster, and the fit stayed there: 0.63, 1.19 and 0.32 nats per point below the optimum.
     x, truth = synthetic_gmm(600, 3, 2, seed=data_seed)
-    result = ppvi.fit("gmm", guide="meanfield", data=x, options={"num_components": 3, "standardize": False}, steps=100, seed=seed, device="cpu")
+    options = {"num_components": 3, "standardize": False}
+    result = ppvi.fit("gmm", guide="meanfield", data=x, options=options, steps=100, seed=seed, device="cpu")
     _, locs, _ = posterior_mean_parameters(result.params)
     assert (components_per_cluster(locs, truth["locs"]) == 1).all(), locs

@@ -1,8 +1,8 @@
 """Gradient estimators against outside truths: exact enumeration, closed-form evidence, measured variance, the CLI.
 
 1. On a discrete toy whose ELBO can be summed exactly (3 points with a OneHotCategorical site of 3
-   classes, 27 configurations, or a Bernoulli site, 8; factorised, so the sum is per point), autograd of the exact ELBO is the true gradient: score
-   (every baseline) and enum must agree with it; gumbel's relaxed gradient must be biased, less so
+   classes, 27 configurations, or a Bernoulli site, 8; factorised, so the sum is per point), autograd of the exact
+   ELBO is the true gradient: score (every baseline) and enum must agree with it; gumbel's relaxed gradient must be biased, less so
    as the temperature falls; gumbel's reported ELBO must be unbiased for the discrete ELBO.
 2. On Gaussian models with log p(x) in closed form, the IWAE bound (per-point and joint paths)
    lies between the ELBO and log p(x) and rises with K (on minibatches the joint path is refused).
@@ -19,15 +19,15 @@ false-alarm rate of each test is stated next to it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 
 import pandas as pd
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+
+import pyro
+import pyro.distributions as dist
 
 import ppvi
 from ppvi.data import Batch
@@ -304,7 +304,8 @@ def test_iwae_bound_lies_between_the_elbo_and_the_exact_evidence(path):
         estimator = make_estimator(name, reason, sites, model, guide, IWAE_BATCH, None, num_particles=K, max_plate_nesting=depth)
         assert ("per data point" in estimator.reason) == (path == "local")
         with torch.no_grad():
-            draws = torch.stack([torch.stack([elbo, -loss]) for elbo, loss in (estimator.loss(IWAE_BATCH, None) for _ in range(IWAE_DRAWS))]).double()
+            pairs = (estimator.loss(IWAE_BATCH, None) for _ in range(IWAE_DRAWS))
+            draws = torch.stack([torch.stack([elbo, -loss]) for elbo, loss in pairs]).double()
         elbos, bounds = draws[:, 0], draws[:, 1]
         # Jensen, draw by draw: log mean_k w_k >= mean_k log w_k (equal at K = 1); float32 slack
         assert (bounds >= elbos - 1e-5 * elbos.abs()).all()
@@ -381,7 +382,9 @@ def test_bad_estimator_input_is_a_one_line_usage_error(cli, tmp_path, args, mess
 # ----------------------------------------------------------------------------- 5. end to end
 
 
-@pytest.mark.parametrize("schedule", [("--temperature", 2.0, "--anneal-rate", 0.05, "--min-temperature", 0.6), ()], ids=["explicit", "default"])
+@pytest.mark.parametrize(
+    "schedule", [("--temperature", 2.0, "--anneal-rate", 0.05, "--min-temperature", 0.6), ()], ids=["explicit", "default"]
+)
 def test_fit_catvae_gumbel_records_both_elbos_and_the_temperature_schedule(cli, tmp_path, schedule):
     out = tmp_path / "run"
     result = cli("fit", "catvae", "--estimator", "gumbel", "--steps", 30, *schedule, "--seed", 0, "--device", "cpu", "--out", out)
@@ -404,7 +407,9 @@ def test_fit_catvae_gumbel_records_both_elbos_and_the_temperature_schedule(cli, 
 
 def test_fit_catvae_score_average_records_the_baseline(cli, tmp_path):
     out = tmp_path / "run"
-    result = cli("fit", "catvae", "--estimator", "score", "--baseline", "average", "--steps", 20, "--seed", 0, "--device", "cpu", "--out", out)
+    result = cli(
+        "fit", "catvae", "--estimator", "score", "--baseline", "average", "--steps", 20, "--seed", 0, "--device", "cpu", "--out", out
+    )
     assert result.code == 0, result.text
     config = json.loads((out / "config.json").read_text())
     assert config["estimator"] == "score" and config["estimator_options"]["baseline"] == "average"
@@ -438,3 +443,11 @@ def test_gradvar_catvae_writes_csv_and_plot(cli, tmp_path):
     assert {"score:none", "score:neural", "gumbel"} <= set(table["estimator"])
     assert (table["num_draws"] == 5).all()
     assert (out / "gradvar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_gradvar_refuses_a_batch_size_that_is_not_positive(cli, size):
+    result = cli("gradvar", "normal_normal", "--estimator", "reparam", "--num-draws", 3, "--batch-size", size)
+    assert result.code == 2, result.text
+    assert "--batch-size must be a positive integer" in result.err
+    assert "Traceback" not in result.text

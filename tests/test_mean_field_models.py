@@ -14,14 +14,15 @@ synchronisation, which on a shared 2-core machine made them several times slower
 """
 
 import numpy as np
-import pyro
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
+import pyro
+
 import ppvi
-from ppvi.estimators import choose_estimator, inspect_sites
 from ppvi.data import Batch
+from ppvi.estimators import choose_estimator, inspect_sites
 
 pytestmark = pytest.mark.statistical
 

@@ -1,6 +1,7 @@
 """The VAE model file: fits run for each architecture and likelihood, the ELBO improves, the
 analytic KL agrees with its closed form and with Monte Carlo, and bad options exit 2."""
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import ppvi
 from ppvi.data import Batch
 from ppvi.gallery import load_model
 from ppvi.images import load_digits, load_mnist, write_idx
+from ppvi.modeling import kl_weight
 
 MNIST = Path(__file__).parents[2] / "shared" / "data" / "mnist"
 
@@ -124,6 +126,19 @@ def test_pyro_loss_without_the_likelihood_is_the_scaled_closed_form_kl(beta):
         loc, scale = guide.encode(batch.x)
     expected = beta * 1797 / 32 * _kl_closed_form(loc, scale).sum()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_kl_weight_adds_no_handler_at_beta_one_and_masks_at_zero():
+    """beta = 1 runs no messenger (it cost time every step); beta = 0 masks the site (scale must be positive)."""
+    def site(beta):
+        with poutine.trace() as tracer, kl_weight(beta):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+        return tracer.trace.nodes["z"]
+
+    assert isinstance(kl_weight(1.0), contextlib.nullcontext)
+    assert site(1.0)["scale"] == 1.0 and site(1.0)["mask"] is None
+    assert site(0.25)["scale"] == 0.25
+    assert site(0.0)["mask"] is False
 
 
 def test_beta_zero_fits(cli):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from numpy.polynomial.hermite_e import hermegauss
 
+import ppvi
 from ppvi.worked_example import format_table, pathwise_variance, plot_worked_example, score_variance, worked_example
 
 THETA = 2.0
@@ -185,3 +186,16 @@ def test_autograd_gradients_equal_the_closed_forms_on_the_same_draws(monkeypatch
             torch.manual_seed(11)
             estimates = module._estimates(estimator, THETA, 7, 3, torch.device("cpu"))
             torch.testing.assert_close(estimates, closed_form(z).mean(dim=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"repetitions": 1}, "--repetitions must be >= 2"),
+        ({"sizes": (10, 0)}, "--sizes must be a positive integer"),
+        ({"theta": float("inf")}, "--theta must be a finite number"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(kwargs, words):
+    with pytest.raises(ppvi.UsageError, match=words):
+        worked_example(**kwargs)
