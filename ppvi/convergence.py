@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyro
 import torch
 
 __all__ = ["Decision", "Stationarity", "EarlyStopping", "split_rhat", "mcse_of_mean", "q_scales", "default_threads", "threads_scope", "heldout_split", "load_unconstrained_"]
@@ -290,8 +291,6 @@ def q_scales(store=None) -> dict:
     cov_factor||^2)`` (Pyro's parameterisations); ``foo_loc`` gets ``foo_scale``. Other parameters
     (log-scales, network weights) have no entry.
     """
-    import pyro
-
     store = store if store is not None else pyro.get_param_store()
     names = set(store.keys())
     scales = {}
