@@ -24,10 +24,12 @@ from . import distributed, rundir
 from .batching import Batches, batch_at, load_data_tensors
 from .checkpoint import RunWriter
 from .config import FitConfig
+from .convergence import Stationarity, default_threads, load_unconstrained_, q_scales, threads_scope
 from .distributed import LocalComm
 from .errors import TrainingDiverged, UsageError
 from .estimators import EstimatorSettings, build, probe
 from .gallery import ModelFile, gallery_dir, load_pair
+from .init import disperse_, precondition_, start_
 from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
 from .results import FitResult, RestartResult
 from .runs import resolve_model
@@ -128,17 +130,22 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
             job.log_fn(f"estimator: {estimator.name} ({estimator.reason})")
             job.record.update(estimator=estimator.name, estimator_reason=estimator.reason, sites=sites,
                               estimator_options=estimator.options)
-        pyro.set_rng_seed(seed)  # training draws the same numbers however much the set-up drew
         store = pyro.get_param_store()
+        beginning = start_(config.init if job.batches.batch_size is None else "default", model_fn, guide_fn, first, job.options)
+        if restart > 0:  # restart 0 starts where `beginning` put it; the others dispersed around it
+            disperse_(store, seed=seed, step_scales=beginning.step_scales)
+        pyro.set_rng_seed(seed)  # training draws the same numbers however much the set-up drew
         job.comm.broadcast_([value for _, value in store.named_parameters()])  # every rank starts from rank 0's values
-        optimizer = _optimizer(store, config, job.device)
+        optimizer = precondition_(_optimizer(store, config, job.device), beginning.step_scales)
+        monitor = Stationarity(trainable_params(store), scale_fn=lambda: q_scales(store)) if config.auto_stop else None
         start, elapsed, trace = job.writer.restore(restart, store, optimizer)  # refuses parameters that do not fit the pair
         if restart == 0:  # every check passed: only now does the run directory change
             job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
         scoped = loop_needs_device_scope(model_fn, guide_fn, first, job.options, device=job.device)
         label = f"{job.model_file.name}/{config.guide}" + (f" restart {restart}" if config.restarts > 1 else "")
         task = bar.add_task(label, total=job.total_steps, completed=start, elbo="...")
-        with device_scope(job.device) if scoped else contextlib.nullcontext():
+        threads = config.threads or default_threads(sum(value.numel() for value in trainable_params(store).values()))
+        with device_scope(job.device) if scoped else contextlib.nullcontext(), threads_scope(threads):
             try:
                 trace, _ = train(
                     estimator=estimator, data=job.data, options=job.options, batches=job.batches, optimizer=optimizer,
@@ -146,23 +153,31 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
                     checkpoint_fn=lambda step, seconds, done, rows: job.writer.checkpoint(
                         restart, store=store, optimizer=optimizer, step=step, elapsed=seconds, seed=seed, done=done, trace=rows),
                     checkpoint_due=job.writer.due,
-                    progress_fn=lambda step, elbo: bar.update(task, completed=step, elbo=f"{elbo:.4g}"),
+                    progress_fn=lambda step, elbo: bar.update(task, completed=step, elbo=f"{elbo:.4g}"), monitor=monitor,
                 )
             except TrainingDiverged as error:
                 job.writer.diverged(restart, error, job.record)
                 raise
+        job.record.setdefault("start", {})[str(restart)] = beginning.note
+        if monitor is not None:
+            load_unconstrained_(store, monitor.averaged()[0])  # the iterate average, where there is one
+            job.record.setdefault("convergence", {})[str(restart)] = monitor.summary()
+            job.log_fn(f"{label}: {monitor.status}")
         return _restart_result(restart, seed, store, trace, model_fn, guide_fn)
 
 
 def train(*, estimator, data: dict, options, batches: Batches, optimizer, config: FitConfig, total_steps: int, restart: int = 0,
           start: int = 0, elapsed: float = 0.0, trace: pd.DataFrame | None = None, comm=None,
-          checkpoint_fn=None, checkpoint_due=None, progress_fn=None) -> tuple[pd.DataFrame, float]:
+          checkpoint_fn=None, checkpoint_due=None, progress_fn=None, monitor=None) -> tuple[pd.DataFrame, float]:
     """Run steps ``[start, total_steps)`` of one restart; return its ELBO trace and the elapsed seconds.
 
     ``checkpoint_fn(step, elapsed, done, trace)`` is called at buffered reads for which
     ``checkpoint_due(step, done)`` holds; ``progress_fn(step, elbo)`` after every read.
     A non-finite ELBO raises :class:`TrainingDiverged` carrying the finite rows before it (``.trace``).
+    ``monitor`` (a :class:`ppvi.convergence.Stationarity`) sees the parameters after every step and
+    decides at the buffered reads whether to stop early.
     """
+    watched = trainable_params(pyro.get_param_store()) if monitor is not None else None
     comm = comm or LocalComm()
     buffer = ElboBuffer(batches.full.device, objective=estimator.objective)
     frames = [trace] if trace is not None and not trace.empty else []
@@ -172,6 +187,8 @@ def train(*, estimator, data: dict, options, batches: Batches, optimizer, config
             batch = batch_at(data, comm.shard(batches.index(step)), batches.num_data, batches.batch_size is None and comm.world_size == 1)
             elbo, loss = _step(estimator, batch, options, step, optimizer, config, total_steps, comm, restart)
             buffer.record(step, elbo, loss, time.perf_counter() - clock)
+            if monitor is not None:
+                monitor.observe(step, watched)  # device copies only
             done = step + 1 == total_steps
             if done or buffer.full() or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
                 rows, bad = buffer.read(comm, restart=restart, batches=batches, estimator=estimator)
@@ -180,11 +197,15 @@ def train(*, estimator, data: dict, options, batches: Batches, optimizer, config
                     raise _diverged(f"the ELBO became {bad[1]} at step {bad[0]} (restart {restart})", bad[0], frames)
                 if progress_fn is not None:
                     progress_fn(step + 1, float(rows["elbo"].iloc[-1]))
+                if monitor is not None and monitor.check(step, rows["elbo"].to_numpy()) is not None:
+                    done = True  # converged: checkpoint as finished and stop
                 if checkpoint_fn is not None and (checkpoint_due is None or checkpoint_due(step + 1, done)):
                     try:
                         checkpoint_fn(step + 1, time.perf_counter() - clock, done, pd.concat(frames, ignore_index=True))
                     except TrainingDiverged as error:
                         raise _diverged(str(error), error.step, frames) from None
+                if done:
+                    break
     return pd.concat(frames, ignore_index=True) if frames else _empty_trace(), time.perf_counter() - clock
 
 

@@ -35,7 +35,7 @@ LAYERS = [
     ),
     (
         "helpers",
-        {"pyro_util", "errors", "data", "rundir", "plots", "images", "init", "modeling", "losses", "distributed",
+        {"pyro_util", "errors", "data", "rundir", "plots", "images", "init", "convergence", "modeling", "losses", "distributed",
          "config", "results", "batching", "version"},
     ),
 ]

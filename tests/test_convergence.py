@@ -1,0 +1,173 @@
+"""Stopping rules against outside truths: AR(1) theory for the MCSE, closed-form posteriors for stopped fits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import Adam
+
+from ppvi.convergence import EarlyStopping, Stationarity, heldout_split, load_unconstrained_, mcse_of_mean, q_scales, split_rhat
+from ppvi.data import Batch
+from ppvi.gallery import load_model
+from ppvi.pyro_util import trainable_params
+
+SYNC_EVERY = 50
+
+
+def ar1(num_steps, phi, seed, dim=1):
+    """x_t = phi x_{t-1} + e_t, e_t ~ N(0, 1): stationary sd 1 / sqrt(1 - phi^2), ESS of the mean T (1 - phi) / (1 + phi)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(num_steps, dim))
+    x = np.zeros((num_steps, dim))
+    x[0] = noise[0] / math.sqrt(1 - phi**2)
+    for t in range(1, num_steps):
+        x[t] = phi * x[t - 1] + noise[t]
+    return x
+
+
+def test_split_rhat_is_one_for_white_noise_and_large_for_a_trend():
+    noise = np.random.default_rng(0).normal(size=(400, 3))
+    assert np.all(split_rhat(noise) < 1.05)  # 4 windows of 100: R-hat - 1 is O(1/100)
+    trend = noise + np.linspace(0, 5, 400)[:, None]
+    assert np.all(split_rhat(trend) > 1.5)
+
+
+def test_mcse_matches_ar1_theory():
+    """For AR(1) with phi = 0.5, ESS/T = (1 - phi) / (1 + phi) = 1/3; over 200 series the estimate's mean is
+    within 10% (the estimator's own sd at T = 2000 is about 5%)."""
+    iterates = ar1(2000, 0.5, seed=1, dim=200)
+    ess, mcse = mcse_of_mean(iterates)
+    assert np.mean(ess) / 2000 == pytest.approx(1 / 3, rel=0.1)
+    stationary_sd = 1 / math.sqrt(1 - 0.25)
+    assert np.mean(mcse) == pytest.approx(stationary_sd / math.sqrt(2000 / 3), rel=0.1)
+
+
+def feed(monitor, iterates):
+    """Drive a monitor with prepared iterates as the loop would: observe each step, check at each sync."""
+    for step, row in enumerate(iterates):
+        monitor.observe(step, {"theta": torch.as_tensor(row, dtype=torch.float32)})
+        if (step + 1) % SYNC_EVERY == 0 and monitor.check(step, None):
+            return step
+    return None
+
+
+def test_stationarity_waits_for_the_drift_to_end_then_averages_to_the_fixed_point():
+    """A drift over 600 steps, then AR(1) jitter (sd 1.15) around 3: stationarity is declared after the
+    drift, and the average is within 4 MCSE of 3."""
+    drift = np.linspace(-20, 3, 600)[:, None] * np.ones((1, 2))
+    jitter = 3 + ar1(5000, 0.5, seed=2, dim=2)
+    monitor = Stationarity({"theta": torch.zeros(2)}, mcse_threshold=0.05)
+    stop = feed(monitor, np.concatenate([drift, jitter]))
+    assert stop is not None and monitor.converged
+    assert monitor.stationary_step > 500
+    assert "converged at step" in monitor.status
+    averaged, mcse = monitor.averaged()
+    assert np.all(np.abs(averaged["theta"].numpy() - 3) < 4 * mcse["theta"])
+
+
+def test_a_drift_that_never_ends_is_reported_as_not_converged():
+    monitor = Stationarity({"theta": torch.zeros(1)})
+    assert feed(monitor, np.linspace(0, 10, 2000)[:, None]) is None
+    assert not monitor.converged
+    assert monitor.status.startswith("not converged within the budget: raise --max-steps or lower --lr")
+    assert monitor.averaged() == ({}, {})
+
+
+def test_early_stopping_restores_the_best_heldout_checkpoint():
+    curve = [-10, -8, -7, -6.5, -6.6, -6.7, -6.55, -6.8, -7.0, -7.2]  # best at check 3, then no gain
+    stopper = EarlyStopping(patience=4)
+    for check, elbo in enumerate(curve):
+        decision = stopper.check(check, elbo, {"w": torch.tensor([float(check)])})
+        if decision:
+            break
+    assert decision.step == 7 and stopper.best_step == 3
+    assert stopper.best_params["w"].item() == 3.0
+    train, heldout = heldout_split(100, fraction=0.1, seed=0)
+    assert len(heldout) == 10 and len(set(train.tolist()) | set(heldout.tolist())) == 100
+
+
+def fit_gallery(name, lr, max_steps, seed=0):
+    """Plain SVI with the monitor in the loop, as ppvi.fit wires it; returns (monitor, steps run)."""
+    model_file = load_model(name)
+    options = model_file.module.Options()
+    data = model_file.module.load_data(None, options)
+    batch = Batch(data, torch.arange(len(data["x"])), len(data["x"]))
+    guide = model_file.module.GUIDES["meanfield"]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    svi = SVI(model_file.module.model, guide, Adam({"lr": lr}), Trace_ELBO())
+    svi.step(batch, options)
+    monitor = Stationarity(trainable_params(), scale_fn=q_scales)
+    for step in range(1, max_steps):
+        svi.step(batch, options)
+        monitor.observe(step, trainable_params())
+        if (step + 1) % SYNC_EVERY == 0 and monitor.check(step, None):
+            break
+    averaged, _ = monitor.averaged()
+    load_unconstrained_(pyro.get_param_store(), averaged)
+    return monitor, step + 1, data["x"], options
+
+
+@pytest.mark.slow
+def test_normal_normal_stops_early_at_the_closed_form():
+    """Stopped when MCSE/sd < 0.1: the mean is within 0.3 posterior sd (3 MCSE) and the sd within 15%
+    (MCSE 0.1 on log sd, plus the small bias of a fixed-step Adam cloud); gallery default is 3,000 steps."""
+    monitor, steps, x, options = fit_gallery("normal_normal", lr=0.2, max_steps=3000)
+    precision = 1 / options.prior_scale**2 + len(x) / options.noise_scale**2
+    mean, sd = float(x.sum() / options.noise_scale**2 / precision), precision**-0.5
+    assert monitor.converged and steps <= 1500, monitor.status  # at most half the fixed budget
+    assert abs(pyro.param("mu_loc").item() - mean) < 0.3 * sd
+    assert pyro.param("mu_scale").item() == pytest.approx(sd, rel=0.15)
+
+
+@pytest.mark.slow
+def test_beta_bernoulli_stops_early_at_the_closed_form():
+    monitor, steps, x, options = fit_gallery("beta_bernoulli", lr=0.2, max_steps=3000)
+    posterior = torch.distributions.Beta(options.prior_a + x.sum(), options.prior_b + (1 - x).sum())
+    q = torch.distributions.Beta(pyro.param("p_a").detach(), pyro.param("p_b").detach())
+    sd = posterior.variance.sqrt().item()
+    assert monitor.converged and steps < 3000, monitor.status
+    assert abs(q.mean.item() - posterior.mean.item()) < 0.3 * sd
+    assert q.variance.sqrt().item() == pytest.approx(sd, rel=0.15)
+
+
+def test_too_few_steps_is_reported_as_not_converged():
+    """Through ppvi.fit: no --steps, so the fit stops by itself, but --max-steps 100 ends it first."""
+    import ppvi
+
+    messages = []
+    result = ppvi.fit("normal_normal", max_steps=100, seed=0, log_fn=messages.append)
+    convergence = result.config["convergence"]["0"]
+    assert len(result.elbo_trace) == 100 and not convergence["converged"]
+    assert convergence["status"].startswith("not converged within the budget: raise --max-steps or lower --lr")
+    assert convergence["reported"] == "last iterate" and any("not converged" in message for message in messages)
+
+
+@pytest.mark.slow
+def test_a_fit_that_converges_reports_its_step_and_the_average():
+    """Through ppvi.fit with the gallery's lr and no --steps: stops well before the old fixed 3,000 steps,
+    reports the step, and the reported parameters are the iterate average, at the closed form."""
+    import ppvi
+
+    result = ppvi.fit("normal_normal", seed=0, auto_stop=True)
+    convergence = result.config["convergence"]["0"]
+    assert convergence["converged"] and convergence["stop_step"] == len(result.elbo_trace) < 3000
+    assert convergence["status"].startswith(f"converged at step {convergence['stop_step']}")
+    assert convergence["reported"] == "iterate average"
+    x = result.data["x"]
+    precision = 1 / 10.0**2 + len(x)
+    assert abs(result.params["mu_loc"].item() - float(x.sum()) / precision) < 0.3 * precision**-0.5
+    assert result.params["mu_scale"].item() == pytest.approx(precision**-0.5, rel=0.15)
+
+
+def test_fixed_steps_keep_the_old_behaviour():
+    import ppvi
+
+    result = ppvi.fit("normal_normal", steps=60, seed=0)
+    assert len(result.elbo_trace) == 60 and "convergence" not in result.config
