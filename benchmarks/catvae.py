@@ -198,7 +198,10 @@ def main(args):
         for group in ("encoder", "decoder"):
             sub = frame[frame["group"] == group].set_index("estimator")["variance"]
             v = {name: float(sub[name]) for name in GRADVAR_ESTIMATORS}
-            ratios = (v["score:neural"] / v["score:none"], v["score:neural"] / v["score:average"], v["gumbel"] / v["score:neural"], v["gumbel"] / v["score:none"])
+            ratios = (
+                v["score:neural"] / v["score:none"], v["score:neural"] / v["score:average"],
+                v["gumbel"] / v["score:neural"], v["gumbel"] / v["score:none"],
+            )
             print(f"| {frame['params_of'].iloc[0]} | {group} | " + " | ".join(f"{v[name]:.3g}" for name in GRADVAR_ESTIMATORS)
                   + " | " + " | ".join(f"{ratio:.3g}" for ratio in ratios) + " |")
 
@@ -211,7 +214,8 @@ def parse_args(argv=None):
     parser.add_argument("--iwae-k", type=int, default=100, help="importance samples per held-out image (default 100)")
     parser.add_argument("--num-draws", type=int, default=200, help="gradient draws per estimator for the variance (default 200)")
     parser.add_argument("--warmup", type=int, default=200, help="baseline warm-up steps before the gradient draws (default 200)")
-    parser.add_argument("--anneal-rate", type=float, default=None, help="gumbel anneal rate r per step (default ppvi's: tau reaches 0.5 at mid-fit; Jang et al.: 3e-5)")
+    parser.add_argument("--anneal-rate", type=float, default=None, help="gumbel anneal rate r per step "
+                        "(default ppvi's: tau reaches 0.5 at mid-fit; Jang et al.: 3e-5)")
     parser.add_argument("--heldout", type=int, default=2000, help="held-out images scored, from image 8,000 on (default all 2,000)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, K=10, 10 draws, 10 warm-up steps, 200 held-out images")
     parser.add_argument("--seed", type=int, default=0)

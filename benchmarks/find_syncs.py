@@ -5,13 +5,12 @@ ppvi/pyro/model frame that triggered them.
 """
 
 import collections
+import importlib
 import sys
 import traceback
 import warnings
 
 import torch
-
-import importlib
 
 fit_module = importlib.import_module("ppvi.fit")  # the module, not ppvi.fit the function
 

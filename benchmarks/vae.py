@@ -81,8 +81,8 @@ from pyro.infer import JitTraceMeanField_ELBO, TraceMeanField_ELBO
 
 import ppvi
 import ppvi.estimators
-from ppvi.evaluate import evaluate
 from ppvi.batching import Batches  # the same batch stream as ppvi's loop
+from ppvi.evaluate import evaluate
 from ppvi.images import load_mnist, write_idx
 from ppvi.losses import MeanFieldELBO
 

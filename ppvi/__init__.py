@@ -6,20 +6,19 @@ The public API, re-exported explicitly::
     frame = ppvi.compare_runs(["runs/a", "runs/b"])
 """
 
-from .version import __version__
-
 from . import guides
 from .compare import compare_runs, plot_traces
+from .config import FitConfig
 from .data import Batch
 from .errors import DataError, TrainingDiverged, UsageError
-from .evaluate import elbo_per_point, evaluate, iwae_bound, log_weights, score
 from .estimators import ESTIMATORS, EstimatorSettings, choose_estimator, inspect_sites
+from .evaluate import elbo_per_point, evaluate, iwae_bound, log_weights, score
 from .fitting import FitResult, RestartResult, fit, resolve_device, resume
-from .config import FitConfig
 from .gallery import gallery_names, load_model
 from .gradvar import gradient_variance, plot_gradient_variance
 from .guides import auto, standard_guides
 from .runs import load_run
+from .version import __version__  # noqa: F401 - ppvi.__version__
 from .worked_example import worked_example
 
 # ppvi.diagnostics imports ArviZ (seconds): its names load on first use.

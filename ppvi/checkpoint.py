@@ -78,7 +78,8 @@ class RunWriter:
                 if self.resume:
                     self._load_previous()
                 elif any(path.name != rundir.LOCK for path in self.run_dir.iterdir()):
-                    raise UsageError(f"--out {self.run_dir}: the folder exists and is not empty; choose a new folder or continue it with --resume {self.run_dir}.")
+                    raise UsageError(f"--out {self.run_dir}: the folder exists and is not empty; "
+                                     f"choose a new folder or continue it with --resume {self.run_dir}.")
                 yield self
         finally:
             if created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):

@@ -170,7 +170,8 @@ def _fit_value_options() -> set:
 def fit_command(ctx, model, data, out, resume, progress, trust_model, nproc, **options):
     """Fit MODEL (a gallery name or a path to a .py file); `ppvi fit MODEL --help` lists its options."""
     from .config import FitConfig
-    from .fitting import fit, resume as resume_run
+    from .fitting import fit
+    from .fitting import resume as resume_run
 
     if nproc is not None and not distributed.is_launched():  # start the workers, each runs this command without --nproc
         ctx.exit(distributed.launch(nproc, _without_nproc((ctx.find_root().obj or {}).get("argv") or sys.argv[1:])))
@@ -286,7 +287,8 @@ def diagnose_command(run_dir, num_samples, reference, nuts_samples, seed, progre
 
     progress = sys.stderr.isatty() if progress is None else progress
     diagnosis = diagnose(
-        _preload(run_dir, model, trust_model), num_samples=num_samples, seed=seed, reference=reference, nuts_samples=nuts_samples, progress=progress, log_fn=console.print
+        _preload(run_dir, model, trust_model), num_samples=num_samples, seed=seed, reference=reference, nuts_samples=nuts_samples,
+        progress=progress, log_fn=console.print
     )
     output.print(format_diagnosis(diagnosis), soft_wrap=True)
 
@@ -398,7 +400,8 @@ def sample_command(run_dir, n, out, reconstruct, manifold_, latent, grid, seed, 
 
 @cli.command("gradvar")
 @click.argument("target", required=False)
-@click.option("--estimator", "estimators", multiple=True, help="Estimator to measure (repeatable): reparam, score:none, score:average, score:neural, enum, gumbel, iwae. Default: every one that fits.")
+@click.option("--estimator", "estimators", multiple=True, help="Estimator to measure (repeatable): reparam, score:none, score:average, score:neural, enum, "
+              "gumbel, iwae. Default: every one that fits.")
 @click.option("--num-draws", type=int, default=100, show_default=True, help="D, independent gradient draws per estimator.")
 @click.option("--guide", help="Guide of MODEL (default: its first).")
 @click.option("--data", help="Data for MODEL (default: its built-in data).")
@@ -412,7 +415,8 @@ def sample_command(run_dir, n, out, reconstruct, manifold_, latent, grid, seed, 
 @click.option("--worked-example", is_flag=True, help="The lecture's z ~ N(theta, 1), f = z^2 example: score vs pathwise over N samples.")
 @click.option("--theta", type=float, default=2.0, show_default=True, help="theta of the worked example.")
 @click.option("--repetitions", type=int, default=100, show_default=True, help="Repetitions per N in the worked example.")
-def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_particles, warmup, temperature, seed, device, out, worked_example, theta, repetitions):
+def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_particles, warmup, temperature, seed, device, out,
+                    worked_example, theta, repetitions):
     """Gradient variance per estimator at fixed parameters: TARGET is a model (its initial parameters) or a run directory.
 
     Prints mean norm, total variance and signal-to-noise ratio per parameter group; with
@@ -420,7 +424,8 @@ def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_
     table instead (no TARGET).
     """
     if worked_example:
-        from .worked_example import format_table, plot_worked_example, worked_example as run_example
+        from .worked_example import format_table, plot_worked_example
+        from .worked_example import worked_example as run_example
 
         if target is not None:
             raise UsageError("--worked-example takes no MODEL or run directory.")
@@ -451,7 +456,8 @@ def gradvar_command(target, estimators, num_draws, guide, data, batch_size, num_
     for column in ("estimator", "group", "params", "|mean|", "variance", "SNR", "mean coord SNR"):
         table.add_column(column)
     for _, row in frame.iterrows():
-        table.add_row(row["estimator"], row["group"], str(row["num_params"]), f"{row['mean_norm']:.4g}", f"{row['variance']:.4g}", f"{row['snr']:.3g}", f"{row['mean_coord_snr']:.3g}")
+        table.add_row(row["estimator"], row["group"], str(row["num_params"]), f"{row['mean_norm']:.4g}", f"{row['variance']:.4g}",
+                      f"{row['snr']:.3g}", f"{row['mean_coord_snr']:.3g}")
     output.print(table)
     if out is not None:
         from .rundir import atomic_write

@@ -61,7 +61,8 @@ class FitConfig:
     restarts: int = _option(1, "Independent fits from different seeds.")
     checkpoint_every: int | None = _option(help="Steps between checkpoints (default: about every 10 s).")
     max_steps: int | None = _option(help="Stop when converged (R-hat, then iterate averaging), at most this many steps (without --steps/--epochs).")
-    init: str = _option("auto", "Start of restart 0: auto (Laplace start for Gaussian autoguides where the model has a mode, else the guide's own), laplace or default. Restarts > 0 start dispersed around it.")
+    init: str = _option("auto", "Start of restart 0: auto (Laplace start for Gaussian autoguides where the model has a mode, "
+                                "else the guide's own), laplace or default. Restarts > 0 start dispersed around it.")
     threads: int | None = _option(help="torch intra-op threads (default: 1 for models under 100,000 parameter elements, else torch's default).")
     auto_stop: bool | None = _option(help="Stop when converged (set by resolve: no --steps/--epochs, full batch).", cli=False)
 

@@ -34,10 +34,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pyro
 import torch
 
-__all__ = ["Decision", "Stationarity", "EarlyStopping", "split_rhat", "mcse_of_mean", "q_scales", "default_threads", "threads_scope", "heldout_split", "load_unconstrained_"]
+import pyro
+
+__all__ = [
+    "Decision", "Stationarity", "EarlyStopping", "split_rhat", "mcse_of_mean", "q_scales", "default_threads", "threads_scope",
+    "heldout_split", "load_unconstrained_",
+]
 
 NOT_CONVERGED = "not converged within the budget: raise --max-steps or lower --lr"
 
@@ -210,7 +214,8 @@ class Stationarity:
         relative = mcse / self._scales()
         self.last_mcse = float(np.max(relative))
         if self.last_mcse < self.mcse_threshold and float(np.min(ess)) >= self.min_window / 10:
-            self.stopped = Decision(step, f"converged at step {step + 1} (R-hat {self.last_rhat:.3f} from step {self.stationary_step}, MCSE/scale {self.last_mcse:.3f} over {self.num_averaged} averaged iterates)")
+            self.stopped = Decision(step, f"converged at step {step + 1} (R-hat {self.last_rhat:.3f} from step {self.stationary_step}, "
+                                          f"MCSE/scale {self.last_mcse:.3f} over {self.num_averaged} averaged iterates)")
         return self.stopped
 
     def _mcse(self) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +266,8 @@ class Stationarity:
         if self.stopped is not None:
             return self.stopped.reason
         if self.stationary_step is not None:
-            return f"{NOT_CONVERGED} (stationary from step {self.stationary_step}, R-hat {self.last_rhat:.3f}, but MCSE/scale of the average is {self.last_mcse:.3g} > {self.mcse_threshold})"
+            return (f"{NOT_CONVERGED} (stationary from step {self.stationary_step}, R-hat {self.last_rhat:.3f}, "
+                    f"but MCSE/scale of the average is {self.last_mcse:.3g} > {self.mcse_threshold})")
         return f"{NOT_CONVERGED} (largest window R-hat {self.last_rhat:.3g} >= {self.rhat_threshold})"
 
     @property
@@ -348,7 +354,8 @@ class EarlyStopping:
         else:
             self.checks_since_best += 1
         if self.checks_since_best >= self.patience:
-            self.stopped = Decision(step, f"converged at step {step + 1} (held-out ELBO {self.best_elbo:.4g} at step {self.best_step + 1} not beaten in {self.patience} checks; best restored)")
+            self.stopped = Decision(step, f"converged at step {step + 1} (held-out ELBO {self.best_elbo:.4g} at step {self.best_step + 1} "
+                                          f"not beaten in {self.patience} checks; best restored)")
         return self.stopped
 
     @property
@@ -364,7 +371,8 @@ class EarlyStopping:
 
     def summary(self) -> dict:
         return {"converged": self.converged, "status": self.status, "stop_step": None if self.stopped is None else self.stopped.step + 1,
-                "best_step": None if self.best_step is None else self.best_step + 1, "best_heldout_elbo": self.best_elbo, "reported": "best held-out checkpoint"}
+                "best_step": None if self.best_step is None else self.best_step + 1, "best_heldout_elbo": self.best_elbo,
+                "reported": "best held-out checkpoint"}
 
 
 def heldout_split(num_data: int, *, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,8 +59,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-import pyro
 import torch
+
+import pyro
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
@@ -121,7 +122,8 @@ def _check_structure(model, guide, batch, options) -> tuple[int, str]:
         )
     if not any(site["is_observed"] for site in model_trace.nodes.values() if _is_sample(site)):
         raise UsageError(f"the model observes nothing inside the '{plate}' plate; there is no log p(x) to estimate.")
-    dims = [-frame.dim for trace in (model_trace, guide_trace) for site in trace.nodes.values() if site["type"] == "sample" for frame in site["cond_indep_stack"] if frame.vectorized]
+    sites = [site for trace in (model_trace, guide_trace) for site in trace.nodes.values() if site["type"] == "sample"]
+    dims = [-frame.dim for site in sites for frame in site["cond_indep_stack"] if frame.vectorized]
     return max(dims, default=0), plate
 
 
@@ -252,7 +254,9 @@ def _eval_points(result, data, num_samples, batch_size, sample_chunk, seed, rest
     return iwae, elbo
 
 
-def iwae_bound(result, data=None, num_samples: int = DEFAULT_IWAE_K, *, batch_size: int = DEFAULT_BATCH_SIZE, sample_chunk: int = DEFAULT_SAMPLE_CHUNK, seed: int = 0, restart=None, split: str | None = None, progress: ProgressFn | None = None):
+def iwae_bound(result, data=None, num_samples: int = DEFAULT_IWAE_K, *, batch_size: int = DEFAULT_BATCH_SIZE,
+               sample_chunk: int = DEFAULT_SAMPLE_CHUNK, seed: int = 0, restart=None, split: str | None = None,
+               progress: ProgressFn | None = None):
     """Per-point IWAE estimates of log p(x) (nats) and the ELBO estimator mean_k log w_k.
 
     Returns

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import pyro
 import torch
+
+import pyro
 
 from . import distributed, rundir
 from .batching import Batches, batch_at, load_data_tensors

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
 from pyro.optim import PyroOptim
 
 from .errors import UsageError
@@ -100,7 +101,8 @@ def _lloyd(x, centers, iterations):
 
 INIT_CHOICES = ("auto", "laplace", "default")
 LAPLACE_MAX_DIM = 500
-NEWTON_DECREMENT_TOLERANCE = 0.01  # sqrt(g^T H^-1 g): how far (in posterior sds) the point may be from the mode  # the Hessian costs one backward pass per unconstrained coordinate
+# sqrt(g^T H^-1 g): how far (in posterior sds) the point may be from the mode; the Hessian costs one backward pass per coordinate
+NEWTON_DECREMENT_TOLERANCE = 0.01
 
 
 def _potential(model_fn, batch, options):

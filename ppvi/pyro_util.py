@@ -12,9 +12,10 @@ import contextlib
 import math
 from typing import Callable, Iterator
 
+import torch
+
 import pyro
 import pyro.poutine as poutine
-import torch
 from pyro.util import get_rng_state, set_rng_state
 
 from .errors import UsageError

@@ -20,9 +20,8 @@ import math
 import os
 import pickle
 import shutil
-import sys
-import warnings
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -102,7 +101,8 @@ def read_config(run_dir: Path, *, require: tuple = ()) -> dict:
     run_dir = Path(run_dir)
     path = run_dir / CONFIG
     if not run_dir.exists():
-        raise UsageError(f"{run_dir}: no such run directory; nothing was saved there (a fit stopped before its first checkpoint leaves nothing to resume): start the fit again.")
+        raise UsageError(f"{run_dir}: no such run directory; nothing was saved there (a fit stopped before its first checkpoint "
+                         "leaves nothing to resume): start the fit again.")
     if not path.is_file():
         raise UsageError(f"{run_dir}: not a ppvi run directory (no {CONFIG}); if a fit was stopped before writing it, nothing was saved: start the fit again.")
     try:

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 import pyro
 import pyro.poutine as poutine
-import torch
 
 from . import rundir
 from .data import Batch
@@ -81,7 +82,8 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu",
         raise UsageError(f"{run_dir}: incomplete run directory: no {rundir.PARAMS}.")
     snapshots = checkpoint["restarts"]
     if len(snapshots) != config.get("restarts") or not all(snapshot["done"] for snapshot in snapshots):
-        raise UsageError(f"{run_dir}: incomplete run directory: {rundir.PARAMS} holds {sum(bool(s['done']) for s in snapshots)} of {config.get('restarts')} finished restart(s).")
+        finished = sum(bool(s["done"]) for s in snapshots)
+        raise UsageError(f"{run_dir}: incomplete run directory: {rundir.PARAMS} holds {finished} of {config.get('restarts')} finished restart(s).")
 
     model_file = resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=log_fn)
     guide = config.get("guide")

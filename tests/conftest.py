@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-
 # One intra-op thread: the tests' tensors are tiny, and two threads contending for two busy cores
 # made single operations ~40x slower (measured: a 272x2 softmax, 1.5 ms instead of 0.03 ms).
 torch.set_num_threads(1)

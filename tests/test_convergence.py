@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+
+import pyro
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 

@@ -123,7 +123,7 @@ def test_batch_exposes_data_by_attribute():
     batch = Batch({"x": torch.ones(2, 1)}, torch.tensor([4, 7]), num_data=10)
     assert torch.equal(batch.x, torch.ones(2, 1)) and len(batch) == 2
     with pytest.raises(AttributeError, match="'y'"):
-        batch.y
+        batch.y  # noqa: B018 - the attribute access is what raises
 
 
 # --- synthetic mixtures --------------------------------------------------------------------------

@@ -1,19 +1,20 @@
 """ppvi.guides: Pyro autoguides as GUIDES entries, built per fit as Guide(options, data)."""
 
+import pytest
+import torch
+
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
-import pytest
-import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
 
 import ppvi
 from ppvi.data import Batch
 from ppvi.errors import UsageError
-from ppvi.losses import MeanFieldELBO
 from ppvi.estimators import choose_estimator, inspect_sites, make_estimator
 from ppvi.guides import auto, standard_guides
+from ppvi.losses import MeanFieldELBO
 
 
 def regression_model(batch, options):

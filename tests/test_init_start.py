@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import arviz as az
 import numpy as np
-import pyro
-import pyro.distributions as dist
 import pytest
 import torch
+
+import pyro
+import pyro.distributions as dist
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import ClippedAdam
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "ppvi"
 
 # Highest layer first. A module may import from its own layer and the layers after it.

@@ -1,6 +1,5 @@
 """Every notebook runs, in smoke mode (PPVI_SMOKE=1: few steps), as the tutorials of Pyro do in CI."""
 
-import os
 from pathlib import Path
 
 import nbformat

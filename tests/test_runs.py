@@ -13,9 +13,10 @@ import dataclasses
 import json
 import shutil
 
-import pyro
 import pytest
 import torch
+
+import pyro
 
 import ppvi
 from ppvi.runs import full_batch, load_run, restart_params

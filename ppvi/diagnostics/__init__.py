@@ -62,7 +62,18 @@ from .layout import MAX_LOCAL_VALUES, LatentSite, Layout, ObservedSite, build_la
 from .loo import LooReport, loo_report
 from .nuts import MAX_NUTS_DATA, MAX_NUTS_LATENT_DIM, NutsComparison, compare_to_reference, nuts_reference, plot_comparison
 from .psis import KHAT_GOOD, KHAT_USABLE, MIN_PSIS_DRAWS, VERDICT_TEXT, PsisReport, khat_verdict, psis_diagnostics
-from .report import COMPARISON_FILE, FOREST_FILE, MAX_PRINTED_ROWS, POSTERIOR_FILE, REPORT_FILE, SUMMARY_FILE, Diagnosis, default_num_samples, diagnose, format_diagnosis
+from .report import (
+    COMPARISON_FILE,
+    FOREST_FILE,
+    MAX_PRINTED_ROWS,
+    POSTERIOR_FILE,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    Diagnosis,
+    default_num_samples,
+    diagnose,
+    format_diagnosis,
+)
 from .rhat import RHAT_MAX, RestartAgreement, restart_agreement
 from .summary import summarize
 

@@ -11,8 +11,9 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyro
 import torch
+
+import pyro
 from pyro import poutine
 from pyro.infer import config_enumerate
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
@@ -112,7 +113,8 @@ def _log_terms(guide_trace, model_trace, layout: Layout, batch, count: int, vect
     hidden = set(layout.marginalized)
     pointwise_sites = layout.pointwise_sites
     device, num_data = batch.index.device, batch.num_data
-    log_q = sum((_per_draw(msg["log_prob"], width, count, vectorized) for msg in guide_trace.nodes.values() if is_latent(msg)), torch.zeros(count, device=device))
+    latent = [msg for msg in guide_trace.nodes.values() if is_latent(msg)]
+    log_q = sum((_per_draw(msg["log_prob"], width, count, vectorized) for msg in latent), torch.zeros(count, device=device))
     log_p, log_lik = torch.zeros(count, device=device), {}
     if hidden:  # one observed site per point (checked in the layout): sum out the discrete sites jointly with it
         name = pointwise_sites[0]

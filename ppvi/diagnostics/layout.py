@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 

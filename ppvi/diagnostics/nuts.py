@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
 import pyro
 from pyro.infer import config_enumerate
 

@@ -19,7 +19,10 @@ import numpy as np
 
 from .arviz_util import az, quiet
 
-__all__ = ["BLOCK_DRAWS", "KHAT_GOOD", "KHAT_USABLE", "MIN_PSIS_DRAWS", "VERDICT_TEXT", "PsisReport", "khat_verdict", "pooled_khat", "psis_diagnostics", "trusted"]
+__all__ = [
+    "BLOCK_DRAWS", "KHAT_GOOD", "KHAT_USABLE", "MIN_PSIS_DRAWS", "VERDICT_TEXT", "PsisReport", "khat_verdict", "pooled_khat",
+    "psis_diagnostics", "trusted",
+]
 
 KHAT_GOOD, KHAT_USABLE = 0.5, 0.7  # Yao et al. (2018), section 3
 MIN_PSIS_DRAWS = 100  # per restart: below this the Pareto fit of the tail (3 sqrt(S) draws) is mostly noise
