@@ -66,6 +66,34 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu",
             raise UsageError("the fit result holds no restarts.")
         return run
     run_dir = Path(run)
+    device = torch.device(device)
+    config, snapshots = _completed_run(run_dir, device)
+    model_file = resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=log_fn)
+    guide = config.get("guide")
+    if guide not in model_file.guides:
+        raise UsageError(f"{run_dir}: model {model_file.name!r} has no guide {guide!r} any more.")
+    options = model_file.make_options(config.get("options") or None)
+    data = _run_data(run_dir, config, model_file, options, device)
+    trace = rundir.read_trace(run_dir)
+    restarts = []
+    for index, snapshot in enumerate(snapshots):
+        with rng_scope(snapshot["seed"]):  # guides may initialise from the data (k-means): keep it reproducible
+            model_fn, guide_fn = model_file.build_pair(guide, options, data)
+        restarts.append(RestartResult(
+            restart=index, seed=snapshot["seed"],
+            params={name: value for name, value in snapshot["params"].items() if not name.startswith("__baseline")},
+            unconstrained=dict(snapshot["unconstrained"]), elbo_trace=trace[trace["restart"] == index].reset_index(drop=True),
+            model_fn=model_fn, guide_fn=guide_fn,
+        ))
+    return FitResult(
+        params=None, elbo_trace=trace, estimator=config.get("estimator"), estimator_reason=config.get("estimator_reason", ""),
+        device=device, seed=config.get("seed", 0), config=config, restarts=restarts, model_file=model_file, options=options,
+        data=data, run_dir=run_dir,
+    )
+
+
+def _completed_run(run_dir: Path, device: torch.device) -> tuple[dict, list]:
+    """config.json and the per-restart snapshots of a completed run (a UsageError for anything else)."""
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run directory.")
     config = rundir.read_config(run_dir)
@@ -76,7 +104,6 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu",
             "diverged": f"the fit diverged ({config.get('error', 'non-finite ELBO')})",
         }.get(status, f"its status is {status!r}")
         raise UsageError(f"{run_dir}: the run is not completed: {why}.")
-    device = torch.device(device)
     checkpoint = rundir.load_checkpoint(run_dir, map_location=device)
     if checkpoint is None:
         raise UsageError(f"{run_dir}: incomplete run directory: no {rundir.PARAMS}.")
@@ -84,12 +111,11 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu",
     if len(snapshots) != config.get("restarts") or not all(snapshot["done"] for snapshot in snapshots):
         finished = sum(bool(s["done"]) for s in snapshots)
         raise UsageError(f"{run_dir}: incomplete run directory: {rundir.PARAMS} holds {finished} of {config.get('restarts')} finished restart(s).")
+    return config, snapshots
 
-    model_file = resolve_model(config, run_dir, model=model, trust=trust_model, log_fn=log_fn)
-    guide = config.get("guide")
-    if guide not in model_file.guides:
-        raise UsageError(f"{run_dir}: model {model_file.name!r} has no guide {guide!r} any more.")
-    options = model_file.make_options(config.get("options") or None)
+
+def _run_data(run_dir: Path, config: dict, model_file, options, device: torch.device) -> dict:
+    """The run's data, loaded again as the fit loaded it, and checked to be the same size."""
     source = config.get("data", "built-in")
     if source == "in-memory":
         raise UsageError(f"{run_dir}: the run was fitted on in-memory data, which ppvi cannot rebuild; pass the FitResult itself instead of the folder.")
@@ -99,37 +125,7 @@ def load_run(run: str | Path | FitResult, *, device: str | torch.device = "cpu",
     num_data = next(iter(data.values())).shape[0]
     if num_data != config.get("num_data"):
         raise UsageError(f"{run_dir}: the data ({source}) now has {num_data} points, the fit saw {config.get('num_data')}; the data changed since the fit.")
-
-    trace = rundir.read_trace(run_dir)
-    restarts = []
-    for index, snapshot in enumerate(snapshots):
-        with rng_scope(snapshot["seed"]):  # guides may initialise from the data (k-means): keep it reproducible
-            model_fn, guide_fn = model_file.build_pair(guide, options, data)
-        restarts.append(
-            RestartResult(
-                restart=index,
-                seed=snapshot["seed"],
-                params={name: value for name, value in snapshot["params"].items() if not name.startswith("__baseline")},
-                unconstrained=dict(snapshot["unconstrained"]),
-                elbo_trace=trace[trace["restart"] == index].reset_index(drop=True),
-                model_fn=model_fn,
-                guide_fn=guide_fn,
-            )
-        )
-    return FitResult(
-        params=None,
-        elbo_trace=trace,
-        estimator=config.get("estimator"),
-        estimator_reason=config.get("estimator_reason", ""),
-        device=device,
-        seed=config.get("seed", 0),
-        config=config,
-        restarts=restarts,
-        model_file=model_file,
-        options=options,
-        data=data,
-        run_dir=run_dir,
-    )
+    return data
 
 
 def full_batch(result: FitResult) -> Batch:
