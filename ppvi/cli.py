@@ -1,7 +1,9 @@
-"""The ``ppvi`` command line: list, fit, compare.
+"""The ``ppvi`` command line: list, check, fit, compare, diagnose, evaluate, score, sample, gradvar.
 
-Exit codes: 0 success; 2 bad input (one-paragraph message, no traceback);
-1 internal failure or a diverged fit. ``PPVI_DEBUG=1`` shows tracebacks.
+``fit``'s options are generated from :class:`ppvi.config.FitConfig`; ``torchrun -m ppvi fit`` (or
+``--nproc N``) runs it data-parallel. Exit codes: 0 success; 2 bad input, including errors raised
+in the user's own model code (one paragraph, no traceback); 130 Ctrl-C; 1 an internal failure or a
+diverged fit. ``PPVI_DEBUG=1`` shows tracebacks.
 """
 
 from __future__ import annotations
