@@ -54,6 +54,7 @@ class RunWriter:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume, self.device, self.writer, self.checkpoint_every = resume, device, writer, checkpoint_every
         self.snapshots: list[dict | None] = []
+        self.previous_config: dict = {}  # the interrupted run's config.json, on resume
         self.traces: list[pd.DataFrame | None] = []
         self._last_write = time.perf_counter()
         if self.run_dir is None and resume:
@@ -88,6 +89,7 @@ class RunWriter:
     def _load_previous(self) -> None:
         if not (self.run_dir / rundir.CONFIG).is_file():
             raise UsageError(f"--resume {self.run_dir}: nothing was saved there (no {rundir.CONFIG}); the fit stopped before its first write: start it again.")
+        self.previous_config = rundir.read_config(self.run_dir)
         previous = rundir.load_checkpoint(self.run_dir, map_location=self.device)
         for leftover in self.run_dir.glob(".*.tmp"):  # a write cut short by a kill
             leftover.unlink(missing_ok=True)  # every rank of a data-parallel fit runs this
@@ -129,6 +131,10 @@ class RunWriter:
         optimizer.load_state_dict(snapshot["optimizer"])
         _set_rng_state(snapshot["rng"], self.device)
         return snapshot["step"], snapshot["elapsed_s"], self.traces[restart]
+
+    def finished(self, restart: int) -> bool:
+        """Whether a resumed restart had already finished (its budget, or converged before it)."""
+        return restart < len(self.snapshots) and self.snapshots[restart] is not None and bool(self.snapshots[restart]["done"])
 
     def due(self, step: int, done: bool) -> bool:
         if done or (self.checkpoint_every and step % self.checkpoint_every == 0):

@@ -148,9 +148,11 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
         threads = config.threads or default_threads(sum(value.numel() for value in trainable_params(store).values()))
         with device_scope(job.device) if scoped else contextlib.nullcontext(), threads_scope(threads):
             try:
-                trace, _ = train(
+                finished = job.writer.finished(restart)  # resumed after it stopped: nothing left to train
+                trace, elapsed = train(
                     estimator=estimator, data=job.data, options=job.options, batches=job.batches, optimizer=optimizer,
-                    config=config, total_steps=job.total_steps, restart=restart, start=start, elapsed=elapsed, trace=trace, comm=job.comm,
+                    config=config, total_steps=start if finished else job.total_steps, restart=restart, start=start, elapsed=elapsed,
+                    trace=trace, comm=job.comm,
                     checkpoint_fn=lambda step, seconds, done, rows: job.writer.checkpoint(
                         restart, store=store, optimizer=optimizer, step=step, elapsed=seconds, seed=seed, done=done, trace=rows),
                     checkpoint_due=job.writer.due,
@@ -161,10 +163,26 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
                 raise
         job.record.setdefault("start", {})[str(restart)] = beginning.note
         if monitor is not None:
-            load_unconstrained_(store, monitor.averaged()[0])  # the iterate average, where there is one
-            job.record.setdefault("convergence", {})[str(restart)] = monitor.summary()
-            job.log_fn(f"{label}: {monitor.status}")
+            _report_convergence(job, restart, monitor, finished, label, lambda: job.writer.checkpoint(
+                restart, store=store, optimizer=optimizer, step=int(trace["step"].iloc[-1]) + 1, elapsed=elapsed, seed=seed,
+                done=True, trace=trace))
         return _restart_result(restart, seed, store, trace, model_fn, guide_fn)
+
+
+def _report_convergence(job: FitJob, restart: int, monitor, finished: bool, label: str, checkpoint_fn) -> None:
+    """Report the stopping rule's verdict, with the iterate average as the fitted values (saved in params.pt too)."""
+    key = str(restart)
+    if finished:  # resumed after it had stopped: the saved values and verdict stand
+        summary = job.writer.previous_config.get("convergence", {}).get(key)
+        if summary is not None:
+            job.record.setdefault("convergence", {})[key] = summary
+        return
+    averaged = monitor.averaged()[0]
+    if averaged:  # the iterate average, where there is one, replaces the last iterate (here and in params.pt)
+        load_unconstrained_(pyro.get_param_store(), averaged)
+        checkpoint_fn()
+    job.record.setdefault("convergence", {})[key] = monitor.summary()
+    job.log_fn(f"{label}: {monitor.status}")
 
 
 def train(*, estimator, data: dict, options, batches: Batches, optimizer, config: FitConfig, total_steps: int, restart: int = 0,

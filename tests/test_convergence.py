@@ -171,3 +171,20 @@ def test_fixed_steps_keep_the_old_behaviour():
 
     result = ppvi.fit("normal_normal", steps=60, seed=0)
     assert len(result.elbo_trace) == 60 and "convergence" not in result.config
+
+
+def test_a_converged_run_saves_its_iterate_average_and_resume_leaves_it_as_it_was(tmp_path):
+    # Before: params.pt held the last iterate while the result reported the average, and --resume of a
+    # run that stopped early trained on to the full budget (and reported a fresh, unconverged monitor).
+    import ppvi
+    from ppvi import rundir
+
+    run = tmp_path / "run"
+    fitted = ppvi.fit("normal_normal", max_steps=3000, device="cpu", out=run, progress=False)
+    assert fitted.config["convergence"]["0"]["converged"]
+    saved = rundir.load_checkpoint(run)["restarts"][0]
+    assert torch.equal(saved["params"]["mu_loc"], fitted.params["mu_loc"])
+    resumed = ppvi.resume(run)
+    assert len(resumed.elbo_trace) == len(fitted.elbo_trace) < 3000
+    assert resumed.config["convergence"] == fitted.config["convergence"]
+    assert torch.equal(resumed.params["mu_loc"], fitted.params["mu_loc"])
