@@ -86,7 +86,7 @@ from ppvi.evaluate import evaluate
 from ppvi.images import load_mnist, write_idx
 from ppvi.losses import MeanFieldELBO
 
-FIT_MODULE = sys.modules["ppvi.fit"]  # the module; the package's ``ppvi.fit`` is the function
+FIT_MODULE = sys.modules["ppvi.fitting"]  # the module; the package's ``ppvi.fit`` is the function
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("PPVI_MNIST", REPO.parent / "shared" / "data" / "mnist"))  # PPVI_MNIST: another copy of the folder

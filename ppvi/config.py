@@ -22,10 +22,10 @@ IWAE_DEFAULT_PARTICLES = 5  # K for --estimator iwae without --num-particles (Bu
 MAX_SEED = 2**32 - 1  # pyro.set_rng_seed seeds NumPy too, whose seeds are 32-bit
 # Settings a resumed run may change without changing what it computes.
 RESUME_MAY_CHANGE = ("device", "checkpoint_every", "threads")
-# No --steps/--epochs: stop when converged (ppvi.convergence), at most max_steps. Off by default for now
-# (--max-steps N turns it on): measured slower than the old fixed budgets on gmm (1,700 vs 600 steps) and
-# linear_regression/fullrank (R-hat over the full-rank guide's 48 parameters stays above 1.1 for thousands of steps).
-AUTO_STOP_DEFAULT = False
+# No --steps/--epochs: stop when converged (ppvi.convergence), at most --max-steps. Full batch: stationarity,
+# iterate averaging and learning-rate cuts, at most MAX_STEPS_FACTOR times the model's default steps;
+# minibatch: early stopping on a held-out split, at most the model's default epochs.
+AUTO_STOP_DEFAULT = True
 MAX_STEPS_FACTOR = 3  # default --max-steps: this many times the model's default steps
 
 
@@ -60,11 +60,12 @@ class FitConfig:
     seed: int = _option(0, "Random seed; restart r uses seed + r.")
     restarts: int = _option(1, "Independent fits from different seeds.")
     checkpoint_every: int | None = _option(help="Steps between checkpoints (default: about every 10 s).")
-    max_steps: int | None = _option(help="Stop when converged (R-hat, then iterate averaging), at most this many steps (without --steps/--epochs).")
+    max_steps: int | None = _option(help="Without --steps/--epochs a fit stops when converged; at most this many steps "
+                                         "(default: 3x the model's steps; minibatch: its epochs).")
     init: str = _option("auto", "Start of restart 0: auto (Laplace start for Gaussian autoguides where the model has a mode, "
                                 "else the guide's own), laplace or default. Restarts > 0 start dispersed around it.")
     threads: int | None = _option(help="torch intra-op threads (default: 1 for models under 100,000 parameter elements, else torch's default).")
-    auto_stop: bool | None = _option(help="Stop when converged (set by resolve: no --steps/--epochs, full batch).", cli=False)
+    auto_stop: bool | None = _option(help="Stop when converged (set by resolve: no --steps/--epochs).", cli=False)
 
     def __post_init__(self):
         if self.steps is not None and self.epochs is not None:
@@ -107,14 +108,20 @@ class FitConfig:
             num_particles = max(IWAE_DEFAULT_PARTICLES, num_particles)
         batch_size = self.batch_size if self.batch_size is not None else defaults.get("batch_size")
         auto_stop = self.auto_stop if self.auto_stop is not None else (
-            (AUTO_STOP_DEFAULT or self.max_steps is not None) and self.steps is None and self.epochs is None
-            and batch_size is None and "epochs" not in defaults)
-        if auto_stop and self.steps is None:  # a fixed step size, as the stopping rule assumes (Dhaka et al. 2020)
-            defaults = {**defaults, "steps": self.max_steps or MAX_STEPS_FACTOR * defaults.get("steps", DEFAULT_STEPS), "lr_decay": 1.0}
+            (defaults.get("auto_stop", AUTO_STOP_DEFAULT) or self.max_steps is not None) and self.steps is None and self.epochs is None)
+        if auto_stop and self.steps is None and self.epochs is None:
+            if self.max_steps is not None:
+                defaults = {**defaults, "steps": self.max_steps}
+            elif batch_size is None:
+                defaults = {**defaults, "steps": MAX_STEPS_FACTOR * defaults.get("steps", DEFAULT_STEPS)}
+            if batch_size is None:  # a fixed step size, which the stopping rule then cuts itself (Dhaka et al. 2020)
+                defaults = {**defaults, "lr_decay": 1.0}
         return dataclasses.replace(
             self,
             auto_stop=bool(auto_stop),
-            steps=self.steps if self.steps is not None or self.epochs is not None else defaults.get("steps", DEFAULT_STEPS),
+            steps=self.steps if self.steps is not None or self.epochs is not None else (
+                defaults["steps"] if "steps" in defaults or "epochs" not in defaults else None),
+            epochs=self.epochs if self.steps is not None or self.epochs is not None or "steps" in defaults else defaults.get("epochs"),
             batch_size=self.batch_size if self.batch_size is not None else defaults.get("batch_size"),
             lr=self.lr if self.lr is not None else defaults.get("lr", DEFAULT_LR),
             lr_decay=self.lr_decay if self.lr_decay is not None else defaults.get("lr_decay", 1.0),

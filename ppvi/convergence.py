@@ -1,17 +1,17 @@
-"""Knowing when a fit has converged: stationarity by R-hat over windows of iterates, then iterate averaging.
+"""Knowing when a fit has converged: stationarity, iterate averaging and learning-rate cuts; held-out early stopping.
 
 Stochastic optimisation for VI does not converge to a point: with a fixed step
-size the iterates settle into a stationary cloud around the optimum. Dhaka et
-al. (2020) detect that cloud with R-hat: split the last W iterates into
-windows, treat the windows as chains, and call the iterates stationary once
-the largest split R-hat is below a threshold. From then on the Polyak-Ruppert
-average of the iterates estimates the optimum much better than the last
-iterate, and its Monte Carlo standard error (MCSE, from the iterates'
-effective sample size) says how well: the fit stops when the MCSE is small
-relative to q's own scale. :class:`Stationarity` implements this, device
-resident: :meth:`Stationarity.observe` only copies iterates into a device
-buffer and adds to a device running sum, and :meth:`Stationarity.check`, called
-at the loop's buffered reads, reads them back once.
+size the iterates settle into a stationary cloud around the optimum, and the
+Polyak-Ruppert average of the cloud estimates the optimum much better than the
+last iterate, with a Monte Carlo standard error (MCSE) that says how well
+(Dhaka et al. 2020). :class:`Stationarity` detects the cloud (the ELBO no longer
+rises, or R-hat over windows of the iterates), averages it, and stops once the
+average is precise in units of q's own scale and cutting the learning rate no
+longer moves it (the accuracy-gain idea of RAABBVI, Welandawe et al. 2022);
+otherwise it cuts the learning rate and goes on from the average. It is device
+resident: :meth:`Stationarity.observe` only copies iterates into a device buffer
+and adds to a device running sum; :meth:`Stationarity.check`, called at the
+loop's buffered reads, reads them back once.
 
 For minibatch amortized models (the VAE family) the parameters are network
 weights that never settle into a small cloud; :class:`EarlyStopping` instead
@@ -95,83 +95,100 @@ def mcse_of_mean(iterates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Stationarity:
-    """Stop a fit once its iterates are stationary (R-hat) and their average is precise (MCSE).
+    """Stop a fit once the average of its stationary iterates is precise and no longer moves when the step shrinks.
+
+    The rule, after Dhaka et al. (2020) and Welandawe et al. (2022, RAABBVI), runs in phases at a fixed
+    Adam learning rate:
+
+    1. **Stationary?** (first phase) At each buffered read, either the ELBO has stopped rising (over the
+       last half of the history, the mean of its second half is within twice the MCSE of the first's),
+       or every coordinate of the iterates is settled: its split R-hat over 4 windows is below
+       ``rhat_threshold`` (Dhaka et al.) *or* its window means spread by less than ``drift_tolerance`` of
+       its scale. At the large learning rates a fixed-step start needs, Adam's iterates wander slowly
+       around the optimum, and R-hat alone, over windows shorter than that wander, calls the cloud
+       non-stationary thousands of steps after the ELBO is flat. Later phases start from the previous
+       phase's average, already stationary: they average after a burn-in of half a window.
+    2. **Average** (Polyak-Ruppert) the iterates from there on, with their MCSE (where an ESS under 10 is not
+       to be trusted, the iterates' own sd bounds it).
+    3. **Stop** when every coordinate's MCSE is below ``mcse_threshold`` of its scale and, after a cut,
+       the average moved by no more than ``change_threshold`` of its scale beyond what the two averages'
+       MCSE explain: a smaller step no longer changes the answer. When the MCSE would need more than
+       ``phase_length`` windows of iterates to get there, **cut the learning rate** by ``shrink``,
+       restart from the average and go on: Adam's stationary spread shrinks with its step, so a cut
+       buys precision the average alone would need many more iterates for.
+
+    The scale of a coordinate is q's sd for a location (see :func:`q_scales`) and ``unscaled`` (0.2) for
+    everything else, in its unconstrained units: a log-scale's MCSE must be under 2% (q's sd known within
+    2%); a point parameter's or a network weight's under 0.02 of its own units.
 
     Use::
 
-        monitor = Stationarity(params)                   # dict name -> unconstrained tensor
+        monitor = Stationarity(params, optimizer=optimizer)   # dict name -> unconstrained tensor (the optimizer's)
         for step in range(max_steps):
             ...optimizer step...
-            monitor.observe(step, params)                # device ops only, no sync
-            if (step + 1) % SYNC_EVERY == 0:
-                decision = monitor.check(step, elbo_values)  # numpy ELBOs read back this time
-                if decision: break
-        averaged, mcse = monitor.averaged()              # Polyak-Ruppert average, its MCSE
-
-    Parameters
-    ----------
-    params : dict of str to Tensor
-        The unconstrained parameters the optimizer moves (``ppvi.pyro_util.trainable_params``).
-    rhat_threshold : float
-        Stationarity when the largest window R-hat is below it (Dhaka et al. use 1.1).
-    mcse_threshold : float
-        Stop when every averaged coordinate's MCSE, divided by its scale (see ``scale_fn``), is below it.
-    min_window : int
-        Fewest buffered iterates used for R-hat (half as many averaged ones before stopping).
-    capacity : int
-        Iterates kept in the device buffer; when full it is thinned by two (see :meth:`observe`).
-    max_tracked : int
-        Coordinates kept in the buffer for R-hat and MCSE: all of them up to this many, else a fixed
-        random subset (the average itself always covers every coordinate).
-    scale_fn : callable, optional
-        ``scale_fn() -> dict name -> Tensor``: the scale each parameter's MCSE is measured in
-        (q's sd for a location, see :func:`q_scales`); parameters not in it are measured in their
-        own unconstrained units (a log-scale: relative error).
-    thin : int
-        Keep every ``thin``-th iterate at first.
+            monitor.observe(step, params)                      # device ops only, no sync
+            if (step + 1) % SYNC_EVERY == 0 and monitor.check(step):
+                break
+        averaged, mcse = monitor.averaged()                    # the last phase's average, its MCSE
     """
 
     def __init__(
         self,
         params: dict,
         *,
+        optimizer=None,
         rhat_threshold: float = 1.1,
+        drift_tolerance: float = 0.1,
         mcse_threshold: float = 0.1,
+        change_threshold: float = 0.1,
         min_window: int = 100,
+        phase_length: int = 2,
+        shrink: float = 0.3,
+        max_phases: int = 12,
         capacity: int = 1000,
         max_tracked: int = 4096,
         scale_fn=None,
-        thin: int = 1,
+        unscaled: float = 0.2,
         seed: int = 0,
     ):
+        self.params, self.optimizer = params, optimizer
         self.names = list(params)
         self.shapes = {name: value.shape for name, value in params.items()}
-        sizes = [value.numel() for value in params.values()]
-        self.offsets = np.cumsum([0, *sizes])
+        self.offsets = np.cumsum([0, *[value.numel() for value in params.values()]])
         first = next(iter(params.values()))
         total = int(self.offsets[-1])
         generator = torch.Generator().manual_seed(seed)
         self.tracked = None if total <= max_tracked else torch.randperm(total, generator=generator)[:max_tracked].sort().values.to(first.device)
         self.buffer = torch.zeros(capacity, min(total, max_tracked), dtype=first.dtype, device=first.device)
-        self.buffer_steps = np.full(capacity, -1)
-        self.count = 0  # rows of the buffer in use
-        self.rhat_threshold, self.mcse_threshold = rhat_threshold, mcse_threshold
-        self.min_window, self.thin, self.scale_fn = min_window, thin, scale_fn
-        self.stationary_step: int | None = None  # first step averaged
+        self.rhat_threshold, self.drift_tolerance = rhat_threshold, drift_tolerance
+        self.mcse_threshold, self.change_threshold = mcse_threshold, change_threshold
+        self.min_window, self.phase_length, self.shrink, self.max_phases, self.scale_fn = min_window, phase_length, shrink, max_phases, scale_fn
+        self.unscaled = unscaled
+        self.lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+        self.phase = 0
+        self.previous: tuple | None = None  # (average, MCSE, precise?) of the tracked coordinates in the previous phase
         self.stopped: Decision | None = None
-        self.sum = {name: torch.zeros_like(value) for name, value in params.items()}
-        self.num_averaged = 0
-        self.last_rhat = math.inf
-        self.last_mcse = math.inf
+        self.last_rhat = self.last_mcse = self.last_change = math.inf
         self.last_step = -1
+        self.sum = {name: torch.zeros_like(value) for name, value in params.items()}
+        self._new_phase()
 
-    def observe(self, step: int, params: dict) -> None:
+    def _new_phase(self) -> None:
+        self.count, self.thin = 0, 1  # rows of the buffer in use; keep every thin-th iterate
+        self.buffer_steps = np.full(self.buffer.shape[0], -1)
+        self.stationary_step: int | None = None  # first step averaged in this phase
+        self.num_averaged = 0
+        self.elbos: list[float] = []
+        for value in self.sum.values():
+            value.zero_()
+
+    def observe(self, step: int, params: dict | None = None) -> None:
         """Record the iterate after ``step``: device copies and adds only (no host sync).
 
-        The buffer keeps the whole history since the first step, thinned: when it is full, every
-        other row is dropped and the thinning doubles, so that R-hat's windows can grow with the fit
-        (Dhaka et al. use windows up to 95% of the history) at a fixed memory cost.
+        The buffer keeps the phase's history, thinned: when it is full, every other row is dropped and
+        the thinning doubles, so R-hat's windows can grow with the fit at a fixed memory cost.
         """
+        params = params if params is not None else self.params
         self.last_step = step
         with torch.no_grad():
             if self.stationary_step is not None:
@@ -197,48 +214,111 @@ class Stationarity:
             rows = rows[self.buffer_steps[: self.count] >= since_step]
         return rows
 
-    def check(self, step: int, elbo_values: np.ndarray | None = None) -> Decision | None:
-        """At a buffered read: start averaging once stationary; stop once the average is precise.
+    def check(self, step: int, rows=None) -> Decision | None:
+        """At a buffered read: detect stationarity, then stop, or shrink the learning rate and start a new phase.
 
-        ``elbo_values`` (the ELBOs read back at this sync) are not needed by this rule; they are
-        accepted so that every monitor has one signature.
+        ``rows`` (the trace rows read back at this sync, a DataFrame with an ``elbo`` column) gain an ``lr`` column:
+        the learning rate they were run at.
         """
+        if rows is not None:
+            rows["lr"] = self.lr
+            self.elbos.extend(rows["elbo"].to_numpy(dtype=float).tolist())
         if self.stopped is not None:
             return self.stopped
+        scales = self._scales()
         if self.stationary_step is None:
-            self._check_stationary(step)
+            self._check_stationary(step, scales)
             return None
-        if len(self._recent(self.stationary_step)) < self.min_window // 2:
+        recent = self._recent(self.stationary_step)
+        if len(recent) < self._window() // 2:
             return None
-        ess, mcse = self._mcse()
-        relative = mcse / self._scales()
-        self.last_mcse = float(np.max(relative))
-        if self.last_mcse < self.mcse_threshold and float(np.min(ess)) >= self.min_window / 10:
-            self.stopped = Decision(step, f"converged at step {step + 1} (R-hat {self.last_rhat:.3f} from step {self.stationary_step}, "
-                                          f"MCSE/scale {self.last_mcse:.3f} over {self.num_averaged} averaged iterates)")
+        mcse, ess = self._mcse(recent)
+        mean = self._average_tracked()
+        self.last_mcse = float(np.max(mcse / scales))
+        if self.previous is not None:  # the change since the last phase, less what the two averages' noise explains
+            noise = 2 * np.sqrt(mcse**2 + self.previous[1] ** 2)
+            self.last_change = float(np.max((np.abs(mean - self.previous[0]) - noise) / scales))
+        precise = self.last_mcse < self.mcse_threshold
+        can_cut = self.optimizer is not None and self.phase < self.max_phases
+        agrees = self.previous is not None and self.previous[2] and self.last_change < self.change_threshold
+        if precise and (agrees or not can_cut):  # (no optimizer to cut: Dhaka et al.'s rule alone)
+            since = "" if self.previous is None else f", moved {max(self.last_change, 0.0):.3f} scales beyond noise since the last cut"
+            self.stopped = Decision(step, f"converged at step {step + 1} (stationary from step {self.stationary_step}{self._lr_words()}; "
+                                          f"average of {self.num_averaged} iterates: MCSE/scale {self.last_mcse:.3f}{since})")
+        elif (precise or self._hopeless()) and can_cut:
+            self._shrink_step(mean, mcse, precise)
         return self.stopped
 
-    def _mcse(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ess, mcse)`` of the running average, from the buffered (thinned) iterates since stationarity;
-        thinning an autocorrelated series loses little ESS, so this errs on the safe side."""
-        recent = self._recent(self.stationary_step)
-        ess, _ = mcse_of_mean(recent)
-        return ess, np.sqrt(recent.var(axis=0, ddof=1) / ess)
+    def _hopeless(self) -> bool:
+        """Time to shrink the step: at this MCSE, the average would need more than ``phase_length`` windows of
+        iterates in all (MCSE falls as 1 / sqrt(iterates)), or it already has them."""
+        needed = self.num_averaged * (self.last_mcse / self.mcse_threshold) ** 2
+        return self.num_averaged >= self._window() and needed > self.phase_length * self._window()
 
-    def _check_stationary(self, step: int) -> None:
+    @staticmethod
+    def _mcse(recent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(mcse, ess)`` of the mean of ``recent`` iterates (thinning an autocorrelated series loses little ESS:
+        this errs safe). Where the ESS is under 10 its estimate is not trusted and the iterates' own sd stands
+        in: the variance of a mean of correlated draws is never above the draws' variance."""
+        ess, _ = mcse_of_mean(recent)
+        sd = recent.std(axis=0, ddof=1)
+        return np.where(ess >= 10, sd / np.sqrt(ess), sd), ess
+
+    def _window(self) -> int:
+        """Fewest iterates for R-hat's windows: ``min_window`` in the first phase, half that once started from an average."""
+        return self.min_window if self.phase == 0 else self.min_window // 2
+
+    def _check_stationary(self, step: int, scales: np.ndarray) -> None:
         upper = int(0.95 * self.count)  # Dhaka et al.: windows from min_window up to 95% of the history
-        if upper < self.min_window:
+        if upper < self._window():
             return
         iterates = self._recent()
-        windows = np.unique(np.linspace(self.min_window, upper, num=5).astype(int))
-        self.last_rhat = min(float(np.max(split_rhat(iterates[-window:]))) for window in windows)  # the most stationary window
-        if self.last_rhat < self.rhat_threshold:
-            self.stationary_step = step + 1  # average from the next iterate on
+        worst = []
+        for window in np.unique(np.linspace(self._window(), upper, num=5).astype(int)):
+            rhat = split_rhat(iterates[-window:])
+            window_means = iterates[-(window // 4) * 4 :].reshape(4, window // 4, -1).mean(axis=1)
+            unsettled = (rhat >= self.rhat_threshold) & (window_means.std(axis=0, ddof=1) >= self.drift_tolerance * scales)
+            if not unsettled.any():
+                self.last_rhat, self.stationary_step = float(np.max(rhat)), step + 1  # average from the next iterate on
+                return
+            worst.append(float(np.max(rhat[unsettled])))
+        self.last_rhat = min(worst)  # the most stationary window's worst unsettled coordinate
+        if self._elbo_flat():
+            self.stationary_step = step + 1
+
+    def _elbo_flat(self) -> bool:
+        """The ELBO has stopped rising: over the last half of the history (at least ``min_window`` steps), its second
+        half's mean exceeds its first half's by less than twice the difference's MCSE. At a large learning rate
+        the iterates wander slowly around the optimum (a long autocorrelation), and R-hat over windows shorter
+        than that wander calls the cloud non-stationary long after the ELBO is flat."""
+        half = max(self.min_window, len(self.elbos) // 2) // 2
+        if len(self.elbos) < 2 * half:
+            return False
+        first, second = np.asarray(self.elbos[-2 * half : -half])[:, None], np.asarray(self.elbos[-half:])[:, None]
+        gain = second.mean() - first.mean()
+        noise = math.sqrt(float(self._mcse(first)[0][0]) ** 2 + float(self._mcse(second)[0][0]) ** 2)
+        return gain < 2 * noise
+
+    def _shrink_step(self, mean: np.ndarray, mcse: np.ndarray, precise: bool) -> None:
+        """Cut the learning rate and restart from the average (RAABBVI): a new phase."""
+        load_unconstrained_(None, self._average_all(), params=self.params)
+        self.previous = (mean, mcse, precise)
+        self.lr *= self.shrink
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.phase += 1
+        self._new_phase()
+
+    def _average_all(self) -> dict:
+        return {name: self.sum[name] / self.num_averaged for name in self.names}
+
+    def _average_tracked(self) -> np.ndarray:
+        flat = torch.cat([self.sum[name].reshape(-1) for name in self.names]) / self.num_averaged
+        return (flat if self.tracked is None else flat[self.tracked]).double().cpu().numpy()
 
     def _scales(self) -> np.ndarray:
-        """The scale of each tracked coordinate its MCSE is divided by (1 where none is known)."""
-        total = int(self.offsets[-1])
-        scales = np.ones(total)
+        """The scale of each tracked coordinate its MCSE and drift are divided by (1 where none is known)."""
+        scales = np.full(int(self.offsets[-1]), self.unscaled)
         if self.scale_fn is not None:
             for name, scale in self.scale_fn().items():
                 if name in self.names:
@@ -247,28 +327,32 @@ class Stationarity:
         return scales if self.tracked is None else scales[self.tracked.cpu().numpy()]
 
     def averaged(self) -> tuple[dict, dict]:
-        """``(params, mcse)``: the Polyak-Ruppert average of the iterates since stationarity (unconstrained,
+        """``(params, mcse)``: the Polyak-Ruppert average of this phase's iterates since stationarity (unconstrained,
         on device) and each coordinate's MCSE (numpy, tracked coordinates only; NaN where untracked).
 
         Before stationarity there is no average: ``({}, {})``, and the last iterate stands.
         """
         if not self.num_averaged:
             return {}, {}
-        params = {name: self.sum[name] / self.num_averaged for name in self.names}
-        _, mcse = self._mcse()
+        recent = self._recent(self.stationary_step)
         full = np.full(int(self.offsets[-1]), np.nan)
-        full[slice(None) if self.tracked is None else self.tracked.cpu().numpy()] = mcse
-        return params, {name: full[self.offsets[i] : self.offsets[i + 1]].reshape(self.shapes[name]) for i, name in enumerate(self.names)}
+        if len(recent) > 3:
+            full[slice(None) if self.tracked is None else self.tracked.cpu().numpy()] = self._mcse(recent)[0]
+        return self._average_all(), {name: full[self.offsets[i] : self.offsets[i + 1]].reshape(self.shapes[name]) for i, name in enumerate(self.names)}
 
     @property
     def status(self) -> str:
         """One line for the restart's log and config.json."""
         if self.stopped is not None:
             return self.stopped.reason
+        lr = self._lr_words()
         if self.stationary_step is not None:
-            return (f"{NOT_CONVERGED} (stationary from step {self.stationary_step}, R-hat {self.last_rhat:.3f}, "
-                    f"but MCSE/scale of the average is {self.last_mcse:.3g} > {self.mcse_threshold})")
-        return f"{NOT_CONVERGED} (largest window R-hat {self.last_rhat:.3g} >= {self.rhat_threshold})"
+            return (f"{NOT_CONVERGED} (stationary from step {self.stationary_step}{lr}, but MCSE/scale of the average is "
+                    f"{self.last_mcse:.3g} (< {self.mcse_threshold} needed) and it moved {self.last_change:.3g} scales since the last phase)")
+        return f"{NOT_CONVERGED} (not stationary{lr}: largest window R-hat {self.last_rhat:.3g} >= {self.rhat_threshold})"
+
+    def _lr_words(self) -> str:
+        return "" if self.lr is None else f" at lr {self.lr:.3g}" + (f" (cut {self.phase}x by {self.shrink})" if self.phase else "")
 
     @property
     def converged(self) -> bool:
@@ -283,6 +367,9 @@ class Stationarity:
             "stationary_step": self.stationary_step,
             "rhat": self.last_rhat,
             "mcse_over_scale": self.last_mcse,
+            "change_over_scale": self.last_change,
+            "final_lr": self.lr,
+            "lr_halvings": self.phase,
             "num_averaged": self.num_averaged,
             "reported": "iterate average" if self.num_averaged else "last iterate",
         }
@@ -314,38 +401,57 @@ def q_scales(store=None) -> dict:
     return {name: value.expand(store[name].shape) for name, value in scales.items() if value.numel() == store[name].numel() or value.numel() == 1}
 
 
-def load_unconstrained_(store, params: dict) -> None:
-    """Write unconstrained values (e.g. :meth:`Stationarity.averaged`) into the param store, in place
-    (the optimizer keeps its references)."""
+def load_unconstrained_(store, values: dict, params: dict | None = None) -> None:
+    """Write unconstrained ``values`` (e.g. :meth:`Stationarity.averaged`) in place into the param store's
+    parameters, or into ``params`` (name -> the unconstrained tensors), so the optimizer keeps its references."""
     with torch.no_grad():
-        for name, value in params.items():
-            store[name].unconstrained().copy_(value)
+        for name, value in values.items():
+            (params[name] if params is not None else store[name].unconstrained()).copy_(value)
 
 
 class EarlyStopping:
-    """Early stopping on a held-out split's ELBO with patience, keeping the best parameters.
+    """Early stopping on a held-out split's ELBO with patience, keeping the best parameters (as Keras'
+    ``EarlyStopping(restore_best_weights=True)`` and Lightning's callback do).
 
-    Use at each buffered read (or epoch end) after computing ``heldout_elbo`` on the held-out points::
-
-        decision = stopper.check(step, heldout_elbo, params)   # params: unconstrained, device
-        if decision: break
-        load_unconstrained_(store, stopper.best_params)        # after the loop: restore the best
+    The loop calls :meth:`check` at its buffered reads; once a full epoch has passed since the last
+    evaluation, ``evaluate()`` (the held-out ELBO per point, under fixed random numbers so successive
+    evaluations differ by the parameters only) is compared with the best so far. ``patience`` evaluations
+    without a gain of more than ``min_delta`` nats per point stop the fit; :meth:`averaged` then gives the
+    best parameters, which the fit restores and reports.
 
     Parameters
     ----------
-    patience : int
-        Checks without an improvement of more than ``min_delta`` (nats per point) before stopping.
-    min_delta : float
-        Smallest gain that counts as an improvement.
+    params : dict of str to Tensor
+        The unconstrained parameters the optimizer moves (copied at each new best).
+    evaluate : callable, optional
+        ``evaluate() -> float``, the held-out ELBO per point; without it, call :meth:`update` yourself.
+    epoch_of : callable, optional
+        ``epoch_of(step) -> int``: evaluate once per epoch (default: at every check).
     """
 
-    def __init__(self, *, patience: int = 5, min_delta: float = 0.0):
+    def __init__(self, params: dict | None = None, *, evaluate=None, epoch_of=None, patience: int = 5, min_delta: float = 0.0):
+        self.params, self.evaluate, self.epoch_of = params or {}, evaluate, epoch_of
         self.patience, self.min_delta = patience, min_delta
         self.best_elbo, self.best_step, self.best_params = -math.inf, None, {}
         self.checks_since_best = 0
+        self.last_epoch = 0
+        self.lr = None  # not this rule's business: the learning rate stays the model's
         self.stopped: Decision | None = None
 
-    def check(self, step: int, heldout_elbo: float, params: dict) -> Decision | None:
+    def check(self, step: int, rows=None) -> Decision | None:
+        """At a buffered read: evaluate the held-out ELBO once an epoch has passed (recorded in ``rows``'s
+        last row as ``heldout_elbo``) and stop after ``patience`` evaluations without a gain."""
+        epoch = self.epoch_of(step + 1) if self.epoch_of is not None else step + 1
+        if self.stopped is not None or self.evaluate is None or epoch <= self.last_epoch:
+            return self.stopped
+        self.last_epoch = epoch
+        value = float(self.evaluate())
+        if rows is not None:
+            rows.loc[rows.index[-1], "heldout_elbo"] = value
+        return self.update(step, value, self.params)
+
+    def update(self, step: int, heldout_elbo: float, params: dict) -> Decision | None:
+        """Take one held-out ELBO for the parameters after ``step``."""
         if self.stopped is not None:
             return self.stopped
         if heldout_elbo > self.best_elbo + self.min_delta:
@@ -354,9 +460,16 @@ class EarlyStopping:
         else:
             self.checks_since_best += 1
         if self.checks_since_best >= self.patience:
-            self.stopped = Decision(step, f"converged at step {step + 1} (held-out ELBO {self.best_elbo:.4g} at step {self.best_step + 1} "
-                                          f"not beaten in {self.patience} checks; best restored)")
+            self.stopped = Decision(step, f"converged at step {step + 1} (held-out ELBO {self.best_elbo:.4g} per point at step "
+                                          f"{self.best_step + 1}, not beaten in {self.patience} evaluations; best restored)")
         return self.stopped
+
+    def observe(self, step: int, params: dict | None = None) -> None:
+        """Nothing to record per step: this rule looks at the held-out ELBO only."""
+
+    def averaged(self) -> tuple[dict, dict]:
+        """``(best parameters, {})``: what the fit restores and reports (no MCSE: one checkpoint, not an average)."""
+        return self.best_params, {}
 
     @property
     def converged(self) -> bool:
@@ -366,13 +479,13 @@ class EarlyStopping:
     def status(self) -> str:
         if self.stopped is not None:
             return self.stopped.reason
-        best = "" if self.best_step is None else f" (held-out ELBO still improving: best {self.best_elbo:.4g} at step {self.best_step + 1})"
+        best = "" if self.best_step is None else f" (held-out ELBO still improving: best {self.best_elbo:.4g} per point at step {self.best_step + 1}, restored)"
         return f"{NOT_CONVERGED}{best}"
 
     def summary(self) -> dict:
         return {"converged": self.converged, "status": self.status, "stop_step": None if self.stopped is None else self.stopped.step + 1,
                 "best_step": None if self.best_step is None else self.best_step + 1, "best_heldout_elbo": self.best_elbo,
-                "reported": "best held-out checkpoint"}
+                "reported": "best held-out checkpoint" if self.best_params else "last iterate"}
 
 
 def heldout_split(num_data: int, *, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

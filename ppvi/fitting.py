@@ -25,13 +25,13 @@ from . import distributed, rundir
 from .batching import Batches, batch_at, load_data_tensors
 from .checkpoint import RunWriter
 from .config import FitConfig
-from .convergence import Stationarity, default_threads, load_unconstrained_, q_scales, threads_scope
+from .convergence import EarlyStopping, Stationarity, default_threads, heldout_split, load_unconstrained_, q_scales, threads_scope
 from .distributed import LocalComm
 from .errors import TrainingDiverged, UsageError
 from .estimators import EstimatorSettings, build, probe
 from .gallery import ModelFile, gallery_dir, load_pair
 from .init import disperse_, precondition_, start_
-from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, trainable_params
+from .pyro_util import device_scope, fit_scope, loop_needs_device_scope, resolve_device, rng_scope, trainable_params
 from .results import FitResult, RestartResult
 from .runs import resolve_model
 from .version import __version__
@@ -39,6 +39,8 @@ from .version import __version__
 __all__ = ["fit", "resume", "train", "resolve_device", "FitConfig", "FitResult", "RestartResult", "ElboBuffer", "SYNC_EVERY"]
 
 SYNC_EVERY = 50  # steps between reads of the ELBO buffer (one host-device sync each)
+HELDOUT_FRACTION = 0.1  # of the points, held out for early stopping (minibatch fits without --steps/--epochs)
+HELDOUT_SEED_OFFSET = 7919  # the held-out ELBO's random numbers: fixed, and apart from training's
 
 
 def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = False, progress: bool = False,
@@ -76,15 +78,18 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     options = model_file.make_options(options)
     device = distributed.local_device(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     source, tensors = load_data_tensors(model_file, data, options, device)
-    batches = Batches(next(iter(tensors.values())).shape[0], config.batch_size, config.seed, device)
+    train_data, heldout = _split_heldout(tensors, config)
+    batches = Batches(next(iter(train_data.values())).shape[0], config.batch_size, config.seed, device)
     total_steps = config.steps if config.steps is not None else config.epochs * batches.steps_per_epoch()
     writer = RunWriter(out, resume=resume, device=device, writer=distributed.env_rank() == 0, checkpoint_every=config.checkpoint_every)
     # refuse what cannot run at this world size on every rank alike, then join the process group (one barrier)
     distributed.check_world_size(batches.batch_size, batches.num_data, rundir.read_config(out).get("world_size", 1) if resume else None)
     comm = distributed.connect(device)
-    job = FitJob(model_file, config, estimator_settings, options, tensors, batches, total_steps, device,
-                 record=_record(model_file, config, options, source, batches, total_steps, device) | {"world_size": comm.world_size},
-                 writer=writer, log_fn=log_fn or (lambda message: None), comm=comm)
+    record = _record(model_file, config, options, source, batches, total_steps, device) | {"world_size": comm.world_size}
+    if heldout is not None:
+        record["heldout"] = {"num_data": len(next(iter(heldout.values()))), "seed": config.seed, "fraction": HELDOUT_FRACTION}
+    job = FitJob(model_file, config, estimator_settings, options, train_data, batches, total_steps, device, record=record,
+                 writer=writer, log_fn=log_fn or (lambda message: None), comm=comm, heldout=heldout)
     try:
         with fit_scope(), job.writer.opened(), _progress(progress) as bar:
             restarts = [_fit_restart(job, restart, bar) for restart in range(config.restarts)]
@@ -117,6 +122,19 @@ class FitJob:
     writer: RunWriter
     log_fn: Callable[[str], None]
     comm: object = LocalComm()  # data-parallel hooks (ppvi.distributed)
+    heldout: dict | None = None  # minibatch fits that stop by themselves: the held-out points (not in ``data``)
+
+
+def _split_heldout(tensors: dict, config: FitConfig) -> tuple[dict, dict | None]:
+    """``(training data, held-out data or None)``: a minibatch fit that stops by itself holds out a seeded
+    tenth of the points for early stopping; every other fit trains on all of them."""
+    num_data = next(iter(tensors.values())).shape[0]
+    if not config.auto_stop or config.batch_size is None or config.batch_size >= num_data or num_data < 20:
+        return tensors, None
+    train, heldout = heldout_split(num_data, fraction=HELDOUT_FRACTION, seed=config.seed)
+    device = next(iter(tensors.values())).device
+    train, heldout = train.to(device), heldout.to(device)
+    return {k: v.index_select(0, train) for k, v in tensors.items()}, {k: v.index_select(0, heldout) for k, v in tensors.items()}
 
 
 def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
@@ -138,8 +156,8 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
         pyro.set_rng_seed(seed)  # training draws the same numbers however much the set-up drew
         job.comm.broadcast_([value for _, value in store.named_parameters()])  # every rank starts from rank 0's values
         optimizer = precondition_(_optimizer(store, config, job.device), beginning.step_scales)
-        monitor = Stationarity(trainable_params(store), scale_fn=lambda: q_scales(store)) if config.auto_stop else None
         start, elapsed, trace = job.writer.restore(restart, store, optimizer)  # refuses parameters that do not fit the pair
+        monitor = _monitor(job, store, optimizer, trace, estimator, seed) if config.auto_stop else None
         if restart == 0:  # every check passed: only now does the run directory change
             job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
         scoped = loop_needs_device_scope(model_fn, guide_fn, first, job.options, device=job.device)
@@ -169,6 +187,24 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
         return _restart_result(restart, seed, store, trace, model_fn, guide_fn)
 
 
+def _monitor(job: FitJob, store, optimizer, trace, estimator, seed: int):
+    """The stopping rule: early stopping on the held-out points for a minibatch fit, else stationarity with
+    iterate averaging, at the learning rate the trace last recorded when resumed (its phases are not saved)."""
+    if job.heldout is not None:
+        heldout = batch_at(job.heldout, torch.arange(len(next(iter(job.heldout.values()))), device=job.device),
+                           len(next(iter(job.heldout.values()))), True)
+
+        def evaluate() -> float:  # the held-out ELBO per point, under the same random numbers each time
+            with torch.no_grad(), rng_scope(seed + HELDOUT_SEED_OFFSET):
+                return job.comm.mean(estimator.loss(heldout, job.options)[0].reshape(1)).item() / heldout.num_data
+
+        return EarlyStopping(trainable_params(store), evaluate=evaluate, epoch_of=job.batches.epoch_of)
+    if trace is not None and "lr" in trace and len(trace):
+        for group in optimizer.param_groups:
+            group["lr"] = float(trace["lr"].iloc[-1])
+    return Stationarity(trainable_params(store), optimizer=optimizer, scale_fn=lambda: q_scales(store))
+
+
 def _report_convergence(job: FitJob, restart: int, monitor, finished: bool, label: str, checkpoint_fn) -> None:
     """Report the stopping rule's verdict, with the iterate average as the fitted values (saved in params.pt too)."""
     key = str(restart)
@@ -196,7 +232,6 @@ def train(*, estimator, data: dict, options, batches: Batches, optimizer, config
     ``monitor`` (a :class:`ppvi.convergence.Stationarity`) sees the parameters after every step and
     decides at the buffered reads whether to stop early.
     """
-    watched = trainable_params(pyro.get_param_store()) if monitor is not None else None
     comm = comm or LocalComm()
     buffer = ElboBuffer(batches.full.device, objective=estimator.objective)
     frames = [trace] if trace is not None and not trace.empty else []
@@ -207,7 +242,7 @@ def train(*, estimator, data: dict, options, batches: Batches, optimizer, config
             elbo, loss = _step(estimator, batch, options, step, optimizer, config, total_steps, comm, restart)
             buffer.record(step, elbo, loss, time.perf_counter() - clock)
             if monitor is not None:
-                monitor.observe(step, watched)  # device copies only
+                monitor.observe(step)  # device copies only
             done = step + 1 == total_steps
             if done or buffer.full() or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
                 rows, bad = buffer.read(comm, restart=restart, batches=batches, estimator=estimator)
@@ -216,7 +251,7 @@ def train(*, estimator, data: dict, options, batches: Batches, optimizer, config
                     raise _diverged(f"the ELBO became {bad[1]} at step {bad[0]} (restart {restart})", bad[0], frames)
                 if progress_fn is not None:
                     progress_fn(step + 1, float(rows["elbo"].iloc[-1]))
-                if monitor is not None and monitor.check(step, rows["elbo"].to_numpy()) is not None:
+                if monitor is not None and monitor.check(step, rows) is not None:  # (it may add columns to rows)
                     done = True  # converged: checkpoint as finished and stop
                 if checkpoint_fn is not None and (checkpoint_due is None or checkpoint_due(step + 1, done)):
                     try:

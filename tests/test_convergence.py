@@ -62,7 +62,7 @@ def test_stationarity_waits_for_the_drift_to_end_then_averages_to_the_fixed_poin
     drift, and the average is within 4 MCSE of 3."""
     drift = np.linspace(-20, 3, 600)[:, None] * np.ones((1, 2))
     jitter = 3 + ar1(5000, 0.5, seed=2, dim=2)
-    monitor = Stationarity({"theta": torch.zeros(2)}, mcse_threshold=0.05)
+    monitor = Stationarity({"theta": torch.zeros(2)}, mcse_threshold=0.05, unscaled=1.0)
     stop = feed(monitor, np.concatenate([drift, jitter]))
     assert stop is not None and monitor.converged
     assert monitor.stationary_step > 500
@@ -83,7 +83,7 @@ def test_early_stopping_restores_the_best_heldout_checkpoint():
     curve = [-10, -8, -7, -6.5, -6.6, -6.7, -6.55, -6.8, -7.0, -7.2]  # best at check 3, then no gain
     stopper = EarlyStopping(patience=4)
     for check, elbo in enumerate(curve):
-        decision = stopper.check(check, elbo, {"w": torch.tensor([float(check)])})
+        decision = stopper.update(check, elbo, {"w": torch.tensor([float(check)])})
         if decision:
             break
     assert decision.step == 7 and stopper.best_step == 3
@@ -188,3 +188,81 @@ def test_a_converged_run_saves_its_iterate_average_and_resume_leaves_it_as_it_wa
     assert len(resumed.elbo_trace) == len(fitted.elbo_trace) < 3000
     assert resumed.config["convergence"] == fitted.config["convergence"]
     assert torch.equal(resumed.params["mu_loc"], fitted.params["mu_loc"])
+
+
+def test_the_rule_cuts_the_learning_rate_until_the_average_is_precise():
+    """Adam on a noisy quadratic (gradient theta - 3 + N(0, 1) noise, optimum 3, scale 1): at lr 0.5 the cloud is too
+    wide for a precise average in two windows, so the rule cuts the lr, restarts from the average, and stops
+    with the average within 3 MCSE-thresholds of 3; the learning rate it ran at is recorded per trace row."""
+    import pandas as pd
+
+    torch.manual_seed(0)
+    theta = torch.zeros(2, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=0.5)
+    monitor = Stationarity({"theta": theta}, optimizer=optimizer, unscaled=1.0)
+    lrs = []
+    for step in range(20000):
+        theta.grad = theta.detach() - 3 + torch.randn(2)
+        optimizer.step()
+        monitor.observe(step)
+        if (step + 1) % SYNC_EVERY == 0:
+            rows = pd.DataFrame({"elbo": -0.5 * (theta.detach() - 3).square().sum().item() * np.ones(SYNC_EVERY)})
+            decision = monitor.check(step, rows)
+            lrs.append(rows["lr"].iloc[0])
+            if decision:
+                break
+    assert monitor.converged and monitor.phase >= 1 and optimizer.param_groups[0]["lr"] < 0.5, monitor.status
+    assert lrs[0] == 0.5 and lrs[-1] == pytest.approx(0.5 * 0.3**monitor.phase)
+    averaged, mcse = monitor.averaged()
+    assert np.all(np.abs(averaged["theta"].numpy() - 3) < 0.3) and np.all(mcse["theta"] < 0.1)
+    assert monitor.summary()["lr_halvings"] == monitor.phase and "converged at step" in monitor.status
+
+
+def test_linear_regression_fullrank_stops_by_default_at_the_closed_form():
+    """No --steps: the full-rank guide stops by itself, before the gallery's old fixed 3,000 steps, at the closed-form
+    posterior (known noise; Bishop 2006 eq. 3.53-3.54): means within 0.3 sd and log sds within 0.3, i.e. 3 x the
+    rule's MCSE threshold (0.1 of q's sd for a location, 0.1 for a log-scale)."""
+    import ppvi
+
+    result = ppvi.fit("linear_regression", "fullrank", seed=0)
+    convergence = result.config["convergence"]["0"]
+    assert convergence["converged"] and convergence["stop_step"] < 3000, convergence["status"]
+    x, y = result.data["x"].double(), result.data["y"].double()
+    design = torch.cat([torch.ones(len(x), 1, dtype=x.dtype), x], -1)
+    cov = torch.linalg.inv(design.T @ design + torch.eye(design.shape[1]) / 100.0)
+    mean, sd = cov @ design.T @ y, cov.diagonal().sqrt()
+    from ppvi.diagnostics import to_inference_data
+
+    posterior = to_inference_data(result, num_samples=4000, seed=1, predictive=False).posterior["w"].values.reshape(-1, design.shape[1])
+    assert np.all(np.abs(posterior.mean(0) - mean.numpy()) < 0.3 * sd.numpy())
+    assert np.all(np.abs(np.log(posterior.std(0) / sd.numpy())) < 0.3)
+
+
+def test_a_minibatch_fit_stops_early_on_held_out_points_and_restores_the_best():
+    """No --steps with --batch-size: a seeded tenth of the points is held out, its ELBO evaluated once an epoch
+    (recorded in the trace), and the reported parameters are those of the best evaluation."""
+    import ppvi
+
+    result = ppvi.fit("normal_normal", batch_size=10, seed=0)
+    heldout, convergence = result.config["heldout"], result.config["convergence"]["0"]
+    assert heldout["num_data"] == 5 and result.config["num_data"] == 45  # the gallery data: 50 points
+    evaluated = result.elbo_trace.dropna(subset=["heldout_elbo"])
+    assert len(evaluated) >= 5 and convergence["reported"] == "best held-out checkpoint"
+    best = evaluated["heldout_elbo"].max()
+    assert convergence["best_heldout_elbo"] == pytest.approx(best)
+    assert int(evaluated.loc[evaluated["heldout_elbo"].idxmax(), "step"]) + 1 == convergence["best_step"]
+    if convergence["converged"]:
+        assert convergence["stop_step"] == len(result.elbo_trace) < 3000
+
+
+def test_diagnose_shows_how_the_fit_ended_beside_khat():
+    import ppvi
+    from ppvi.diagnostics import diagnose, format_diagnosis
+
+    stopped = diagnose(ppvi.fit("normal_normal", seed=0), num_samples=500, write=False)
+    assert "optimisation:\n  restart 0: converged at step" in format_diagnosis(stopped)
+    assert stopped.to_json()["convergence"]["0"]["converged"]
+    short = diagnose(ppvi.fit("normal_normal", max_steps=100, seed=0), num_samples=500, write=False)
+    assert "a restart did not converge" in format_diagnosis(short)
+    fixed = diagnose(ppvi.fit("normal_normal", steps=100, seed=0), num_samples=500, write=False)
+    assert "a fixed budget of steps" in format_diagnosis(fixed)

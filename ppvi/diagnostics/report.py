@@ -67,6 +67,7 @@ class Diagnosis:
     run_dir: Path | None = None
     files: tuple = ()
     left_out: tuple = ()  # local latent sites not in the posterior table
+    convergence: dict = field(default_factory=dict)  # restart -> the stopping rule's summary (config.json); {} for fixed budgets
 
     @property
     def num_restarts(self) -> int:
@@ -87,6 +88,7 @@ class Diagnosis:
                 "flagged": {label: _number(self.restarts.rhat[label]) for label in self.restarts.flagged},
                 "note": self.restarts.note,
             },
+            "convergence": self.convergence,
             "loo": {key: (_number(value) if isinstance(value, float) else value) for key, value in dataclasses.asdict(self.loo).items()},
         }
         if self.nuts is not None:
@@ -187,7 +189,7 @@ def diagnose(
     diagnosis = Diagnosis(
         model=result.model_file.name, guide=result.config.get("guide", ""), num_samples=num_samples, seed=seed, idata=idata,
         summary=summarize(idata, psis), psis=psis, restarts=restart_agreement(idata), loo=loo_report(idata), nuts=nuts,
-        run_dir=result.run_dir, left_out=layout.left_out,
+        run_dir=result.run_dir, left_out=layout.left_out, convergence=result.config.get("convergence", {}),
     )
     if write and result.run_dir is not None:
         diagnosis = dataclasses.replace(diagnosis, files=tuple(_write(diagnosis, Path(result.run_dir))))
@@ -245,6 +247,17 @@ def _psis_lines(psis: PsisReport, restarts: int, draws: int) -> list[str]:
     return lines
 
 
+def _convergence_lines(convergence: dict) -> list[str]:
+    """How each restart's optimisation ended, beside k-hat: k-hat judges the q a fit reached, and a fit that
+    had not converged may not have reached the q it would end at."""
+    if not convergence:
+        return ["optimisation: a fixed budget of steps (no stopping rule ran: the fit was given --steps or --epochs)"]
+    lines = ["optimisation:"] + [f"  restart {restart}: {summary.get('status', '?')}" for restart, summary in sorted(convergence.items())]
+    if not all(summary.get("converged") for summary in convergence.values()):
+        lines.append("  a restart did not converge: the k-hat above judges the q it stopped at, not the optimum; fit it longer first")
+    return lines
+
+
 def loo_line(loo: LooReport) -> str:
     head = f"PSIS-LOO ({loo.var_name}, {loo.num_points} observations): "
     corrected = f"corrected for q: elpd_loo {loo.elpd_loo_corrected:.2f} (se {loo.se_corrected:.2f})"
@@ -261,6 +274,7 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
     lines = [f"{diagnosis.model} / {diagnosis.guide}: {diagnosis.num_samples} guide draws x {restarts} restart(s) (chains)"]
     lines += _summary_lines(diagnosis)
     lines += [""] + _psis_lines(diagnosis.psis, restarts, diagnosis.num_samples)
+    lines += _convergence_lines(diagnosis.convergence)
     lines.append(f"R-hat across restarts: {diagnosis.restarts.note}")
     lines += [f"  {label}: R-hat {diagnosis.restarts.rhat[label]:.4g}: restarts disagree (different modes?)" for label in diagnosis.restarts.flagged]
     lines.append(loo_line(diagnosis.loo))
