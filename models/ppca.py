@@ -48,10 +48,7 @@ from pyro.distributions import constraints
 from ppvi.data import read_csv
 from ppvi.errors import DataError
 
-# A fixed budget by default: the stopping rule measures precision in q's scale, and W, b, sigma are point
-# parameters with no scale of their own; it stopped 0.1-0.2 nats per point short of the maximum likelihood
-# (seeds 0, 1), where this schedule ends within 0.015. --max-steps N turns the rule on.
-FIT_DEFAULTS = {"steps": 4000, "lr": 0.2, "lr_decay": 0.001, "auto_stop": False}
+FIT_DEFAULTS = {"steps": 4000, "lr": 0.2, "lr_decay": 0.001}
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch
 import pyro
 
 __all__ = [
-    "Decision", "Stationarity", "EarlyStopping", "split_rhat", "mcse_of_mean", "q_scales", "default_threads", "threads_scope",
+    "Decision", "Stationarity", "EarlyStopping", "split_rhat", "linear_trend", "mcse_of_mean", "q_scales", "default_threads", "threads_scope",
     "heldout_split", "load_unconstrained_",
 ]
 
@@ -94,32 +94,46 @@ def mcse_of_mean(iterates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ess, mcse
 
 
+def linear_trend(iterates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(change, se)`` per coordinate of ``iterates`` (T, D): the least-squares line's rise over the T steps and
+    its standard error, from the residuals' variance and ESS (Geyer), so that autocorrelated noise (a slow
+    wander) is not taken for a trend."""
+    num_steps = iterates.shape[0]
+    time = np.arange(num_steps) - (num_steps - 1) / 2
+    centred = iterates - iterates.mean(axis=0)
+    slope = time @ centred / (time @ time)
+    residuals = centred - np.outer(time, slope)
+    ess, _ = mcse_of_mean(residuals)
+    se_slope = residuals.std(axis=0, ddof=2) / math.sqrt(time @ time) * np.sqrt(num_steps / np.maximum(ess, 1.0))
+    return slope * num_steps, se_slope * num_steps
+
+
 class Stationarity:
     """Stop a fit once the average of its stationary iterates is precise and no longer moves when the step shrinks.
 
     The rule, after Dhaka et al. (2020) and Welandawe et al. (2022, RAABBVI), runs in phases at a fixed
     Adam learning rate:
 
-    1. **Stationary?** (first phase) At each buffered read, either the ELBO has stopped rising (over the
-       last half of the history, the mean of its second half is within twice the MCSE of the first's),
-       or every coordinate of the iterates is settled: its split R-hat over 4 windows is below
-       ``rhat_threshold`` (Dhaka et al.) *or* its window means spread by less than ``drift_tolerance`` of
-       its scale. At the large learning rates a fixed-step start needs, Adam's iterates wander slowly
-       around the optimum, and R-hat alone, over windows shorter than that wander, calls the cloud
-       non-stationary thousands of steps after the ELBO is flat. Later phases start from the previous
-       phase's average, already stationary: they average after a burn-in of half a window.
+    1. **Stationary?** At each buffered read, every coordinate of the iterates must be settled over a
+       window of the last 50-95% of the phase: its split R-hat over 4 sub-windows is below
+       ``rhat_threshold`` (Dhaka et al.), or its linear trend is not significant (see
+       :func:`linear_trend`), or it moved less than ``drift_tolerance`` of its scale. In the first phase
+       a flat ELBO is also enough (the mean of the last quarter of the history is within twice its MCSE of
+       the quarter before), to leave the start's transient at a large learning rate quickly; later phases
+       start from an average after a cut and must settle, so that a slow drift the cut left is waited out.
     2. **Average** (Polyak-Ruppert) the iterates from there on, with their MCSE (where an ESS under 10 is not
        to be trusted, the iterates' own sd bounds it).
-    3. **Stop** when every coordinate's MCSE is below ``mcse_threshold`` of its scale and, after a cut,
-       the average moved by no more than ``change_threshold`` of its scale beyond what the two averages'
-       MCSE explain: a smaller step no longer changes the answer. When the MCSE would need more than
-       ``phase_length`` windows of iterates to get there, **cut the learning rate** by ``shrink``,
-       restart from the average and go on: Adam's stationary spread shrinks with its step, so a cut
-       buys precision the average alone would need many more iterates for.
+    3. **Cut and compare.** Once every coordinate's MCSE is below ``mcse_threshold`` of its scale, or would
+       need more than ``phase_length`` windows of iterates to get there, cut the learning rate by ``shrink``
+       and restart from the average (RAABBVI): Adam's stationary spread shrinks with its step. **Stop**
+       when two phases in a row are precise and their averages differ by no more than
+       ``change_threshold`` of the scale beyond what their MCSEs explain: a smaller step no longer changes
+       the answer (RAABBVI's accuracy-gain idea, with q's scale as the yardstick).
 
-    The scale of a coordinate is q's sd for a location (see :func:`q_scales`) and ``unscaled`` (0.2) for
-    everything else, in its unconstrained units: a log-scale's MCSE must be under 2% (q's sd known within
-    2%); a point parameter's or a network weight's under 0.02 of its own units.
+    The scale of a coordinate is q's sd for a location (see :func:`q_scales`) and ``unscaled`` (1) for
+    everything else, in its unconstrained units: a log-scale's MCSE must be under 0.1 (q's sd known within
+    10%); a point parameter's or a network weight's under 0.1 of its own units, which is why a model
+    whose point parameters need more (ppca) keeps a fixed schedule.
 
     Use::
 
@@ -148,7 +162,7 @@ class Stationarity:
         capacity: int = 1000,
         max_tracked: int = 4096,
         scale_fn=None,
-        unscaled: float = 0.2,
+        unscaled: float = 1.0,
         seed: int = 0,
     ):
         self.params, self.optimizer = params, optimizer
@@ -269,21 +283,31 @@ class Stationarity:
         return self.min_window if self.phase == 0 else self.min_window // 2
 
     def _check_stationary(self, step: int, scales: np.ndarray) -> None:
-        upper = int(0.95 * self.count)  # Dhaka et al.: windows from min_window up to 95% of the history
-        if upper < self._window():
+        """Stationary when, over some window of the last 50-95% of the phase's iterates, every coordinate is settled:
+        its split R-hat is below ``rhat_threshold`` (Dhaka et al.), or its linear trend across the window is not
+        significant (against a standard error from the residuals' ESS, at z = sqrt(2 ln D) for D coordinates,
+        a Bonferroni-like bound), or it moves less than ``drift_tolerance`` of its scale. At the large learning
+        rates a fixed-step start needs, Adam's iterates wander slowly around the optimum, and R-hat over
+        windows shorter than that wander calls the cloud non-stationary long after it is; the trend test
+        lets a wander through and still stops a slow, steady drift (a concentration still growing)."""
+        upper = int(0.95 * self.count)
+        lower = max(self._window(), self.count // 2)
+        if upper < lower:
             return
         iterates = self._recent()
+        z = max(2.0, math.sqrt(2 * math.log(max(iterates.shape[1], 2))))
         worst = []
-        for window in np.unique(np.linspace(self._window(), upper, num=5).astype(int)):
-            rhat = split_rhat(iterates[-window:])
-            window_means = iterates[-(window // 4) * 4 :].reshape(4, window // 4, -1).mean(axis=1)
-            unsettled = (rhat >= self.rhat_threshold) & (window_means.std(axis=0, ddof=1) >= self.drift_tolerance * scales)
+        for window in np.unique(np.linspace(lower, upper, num=3).astype(int)):
+            recent = iterates[-window:]
+            rhat = split_rhat(recent)
+            trend, se = linear_trend(recent)
+            unsettled = (rhat >= self.rhat_threshold) & (np.abs(trend) >= z * se) & (np.abs(trend) >= self.drift_tolerance * scales)
             if not unsettled.any():
                 self.last_rhat, self.stationary_step = float(np.max(rhat)), step + 1  # average from the next iterate on
                 return
             worst.append(float(np.max(rhat[unsettled])))
         self.last_rhat = min(worst)  # the most stationary window's worst unsettled coordinate
-        if self._elbo_flat():
+        if self.phase == 0 and self._elbo_flat():  # out of the start's transient; later phases must settle
             self.stationary_step = step + 1
 
     def _elbo_flat(self) -> bool:
