@@ -55,8 +55,8 @@ def main() -> None:
             sem = lambda values: float(values.std() / len(values) ** 0.5)  # noqa: E731
             epochs = len(result.elbo_trace) * result.config["batch_size"] / result.config["num_data"]  # passes over its training points
             status = result.config.get("convergence", {}).get("0", {}).get("status", "fixed budget")
-            print(f"{label:18} {epochs:6.1f} {seconds:7.1f} {float(elbo.mean()):9.2f} ± {sem(elbo):4.2f} {float(iwae.mean()):13.2f} ± {sem(iwae):4.2f}  {status}",
-                  flush=True)
+            test = f"{float(elbo.mean()):9.2f} ± {sem(elbo):4.2f} {float(iwae.mean()):13.2f} ± {sem(iwae):4.2f}"
+            print(f"{label:18} {epochs:6.1f} {seconds:7.1f} {test}  {status}", flush=True)
 
 
 if __name__ == "__main__":
