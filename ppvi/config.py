@@ -62,8 +62,8 @@ class FitConfig:
     seed: int = _option(0, "Random seed; restart r uses seed + r.")
     restarts: int = _option(1, "Independent fits from different seeds.")
     checkpoint_every: int | None = _option(help="Steps between checkpoints (default: about every 10 s).")
-    max_steps: int | None = _option(help="Without --steps/--epochs a fit stops when converged; at most this many steps "
-                                         "(default: 3x the model's steps; minibatch: its epochs).")
+    max_steps: int | None = _option(help="Stop when converged, at most this many steps (without --steps/--epochs; turns the rule on "
+                                         "for any model; your own code without a declared schedule gets it with a cap of 3,000).")
     init: str = _option("auto", "Start of restart 0: auto (Laplace start for Gaussian autoguides where the model has a mode, "
                                 "else the guide's own), laplace or default. Restarts > 0 start dispersed around it.")
     threads: int | None = _option(help="torch intra-op threads (default: 1 for models under 100,000 parameter elements, else torch's default).")
@@ -109,9 +109,13 @@ class FitConfig:
         if self.num_particles is None and self.estimator == "iwae":
             num_particles = max(IWAE_DEFAULT_PARTICLES, num_particles)
         batch_size = self.batch_size if self.batch_size is not None else defaults.get("batch_size")
+        scheduled = batch_size is None and self.lr_decay not in (None, 1.0)  # the rule cuts a full-batch fit's lr itself
+        if scheduled and self.max_steps is not None and self.steps is None and self.epochs is None:
+            raise UsageError("--max-steps stops a full-batch fit by a rule that cuts the learning rate itself; "
+                             "--lr-decay sets a schedule instead: give --steps N with --lr-decay, or drop --lr-decay.")
         auto_stop = self.auto_stop if self.auto_stop is not None else (
             (self.max_steps is not None or defaults.get("auto_stop", AUTO_STOP_DEFAULT and (batch_size is not None or "steps" not in defaults)))
-            and self.steps is None and self.epochs is None)
+            and self.steps is None and self.epochs is None and not scheduled)
         if auto_stop and self.steps is None and self.epochs is None:
             if self.max_steps is not None:
                 defaults = {**defaults, "steps": self.max_steps}
@@ -123,7 +127,7 @@ class FitConfig:
             self,
             auto_stop=bool(auto_stop),
             steps=self.steps if self.steps is not None or self.epochs is not None else (
-                defaults["steps"] if "steps" in defaults or "epochs" not in defaults else None),
+                defaults.get("steps", DEFAULT_STEPS) if "steps" in defaults or "epochs" not in defaults else None),
             epochs=self.epochs if self.steps is not None or self.epochs is not None or "steps" in defaults else defaults.get("epochs"),
             batch_size=self.batch_size if self.batch_size is not None else defaults.get("batch_size"),
             lr=self.lr if self.lr is not None else defaults.get("lr", DEFAULT_LR),

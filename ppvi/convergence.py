@@ -157,7 +157,7 @@ class Stationarity:
         change_threshold: float = 0.1,
         min_window: int = 100,
         phase_length: int = 2,
-        shrink: float = 0.3,
+        shrink: float = 0.5,
         max_phases: int = 12,
         capacity: int = 1000,
         max_tracked: int = 4096,
@@ -279,8 +279,9 @@ class Stationarity:
         return np.where(ess >= 10, sd / np.sqrt(ess), sd), ess
 
     def _window(self) -> int:
-        """Fewest iterates for R-hat's windows: ``min_window`` in the first phase, half that once started from an average."""
-        return self.min_window if self.phase == 0 else self.min_window // 2
+        """Fewest iterates for a phase's windows: ``min_window``, divided by the learning rate's cuts so far (Adam's
+        time constants grow as its step shrinks: a drift left after a cut is as slow as the step is small)."""
+        return int(round(self.min_window / self.shrink**self.phase)) if self.phase else self.min_window
 
     def _check_stationary(self, step: int, scales: np.ndarray) -> None:
         """Stationary when, over some window of the last 50-95% of the phase's iterates, every coordinate is settled:

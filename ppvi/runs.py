@@ -123,8 +123,10 @@ def _run_data(run_dir: Path, config: dict, model_file, options, device: torch.de
         data = model_file.load_data(None if source == "built-in" else source, options)
     data = {name: value.to(device) for name, value in data.items()}
     num_data = next(iter(data.values())).shape[0]
-    if num_data != config.get("num_data"):
-        raise UsageError(f"{run_dir}: the data ({source}) now has {num_data} points, the fit saw {config.get('num_data')}; the data changed since the fit.")
+    heldout = config.get("heldout")
+    expected = config.get("num_data", 0) + (heldout.get("num_data", 0) if isinstance(heldout, dict) else 0)  # early stopping held some out
+    if num_data != expected:
+        raise UsageError(f"{run_dir}: the data ({source}) now has {num_data} points, the fit saw {expected}; the data changed since the fit.")
     return data
 
 
