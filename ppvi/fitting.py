@@ -229,8 +229,10 @@ def train(*, estimator, data: dict, options, batches: Batches, optimizer, config
     ``checkpoint_fn(step, elapsed, done, trace)`` is called at buffered reads for which
     ``checkpoint_due(step, done)`` holds; ``progress_fn(step, elbo)`` after every read.
     A non-finite ELBO raises :class:`TrainingDiverged` carrying the finite rows before it (``.trace``).
-    ``monitor`` (a :class:`ppvi.convergence.Stationarity`) sees the parameters after every step and
-    decides at the buffered reads whether to stop early.
+    ``monitor`` (:class:`ppvi.convergence.Stationarity`, or :class:`~ppvi.convergence.EarlyStopping` for a
+    minibatch fit) sees the parameters after every step and decides at the buffered reads whether to stop
+    early; it may cut the learning rate and add columns to the rows it sees (``lr``, ``heldout_elbo``).
+    On ``--resume`` a monitor starts afresh (its phases and best-so-far are not checkpointed).
     """
     comm = comm or LocalComm()
     buffer = ElboBuffer(batches.full.device, objective=estimator.objective)
