@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 
 import pyro
 
@@ -43,6 +44,7 @@ __all__ = [
     "heldout_split", "load_unconstrained_",
 ]
 
+TREND_BATCHES = 8  # batch means for the trend test (6 degrees of freedom)
 NOT_CONVERGED = "not converged within the budget: raise --max-steps or lower --lr"
 
 
@@ -94,18 +96,19 @@ def mcse_of_mean(iterates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ess, mcse
 
 
-def linear_trend(iterates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(change, se)`` per coordinate of ``iterates`` (T, D): the least-squares line's rise over the T steps and
-    its standard error, from the residuals' variance and ESS (Geyer), so that autocorrelated noise (a slow
-    wander) is not taken for a trend."""
-    num_steps = iterates.shape[0]
-    time = np.arange(num_steps) - (num_steps - 1) / 2
-    centred = iterates - iterates.mean(axis=0)
+def linear_trend(iterates: np.ndarray, batches: int = TREND_BATCHES) -> tuple[np.ndarray, np.ndarray]:
+    """``(change, se)`` per coordinate of ``iterates`` (T, D): the rise over the T steps of the least-squares line
+    through the means of ``batches`` consecutive batches, and its standard error from those means' residuals
+    (``batches - 2`` degrees of freedom). Batch means make the error honest for autocorrelated iterates: a slow
+    wander moves the batch means about and widens the error, where a steady drift lines them up."""
+    size = iterates.shape[0] // batches
+    means = iterates[-size * batches :].reshape(batches, size, -1).mean(axis=1)
+    time = np.arange(batches) - (batches - 1) / 2
+    centred = means - means.mean(axis=0)
     slope = time @ centred / (time @ time)
     residuals = centred - np.outer(time, slope)
-    ess, _ = mcse_of_mean(residuals)
-    se_slope = residuals.std(axis=0, ddof=2) / math.sqrt(time @ time) * np.sqrt(num_steps / np.maximum(ess, 1.0))
-    return slope * num_steps, se_slope * num_steps
+    se_slope = np.sqrt((residuals**2).sum(axis=0) / (batches - 2) / (time @ time))
+    return slope * batches, se_slope * batches
 
 
 class Stationarity:
@@ -286,8 +289,8 @@ class Stationarity:
     def _check_stationary(self, step: int, scales: np.ndarray) -> None:
         """Stationary when, over some window of the last 50-95% of the phase's iterates, every coordinate is settled:
         its split R-hat is below ``rhat_threshold`` (Dhaka et al.), or its linear trend across the window is not
-        significant (against a standard error from the residuals' ESS, at z = sqrt(2 ln D) for D coordinates,
-        a Bonferroni-like bound), or it moves less than ``drift_tolerance`` of its scale. At the large learning
+        significant (:func:`linear_trend` over 8 batch means, a two-sided 5% t-test Bonferroni-corrected over
+        the D coordinates), or it moves less than ``drift_tolerance`` of its scale. At the large learning
         rates a fixed-step start needs, Adam's iterates wander slowly around the optimum, and R-hat over
         windows shorter than that wander calls the cloud non-stationary long after it is; the trend test
         lets a wander through and still stops a slow, steady drift (a concentration still growing)."""
@@ -296,13 +299,13 @@ class Stationarity:
         if upper < lower:
             return
         iterates = self._recent()
-        z = max(2.0, math.sqrt(2 * math.log(max(iterates.shape[1], 2))))
+        critical = float(stats.t.ppf(1 - 0.025 / iterates.shape[1], TREND_BATCHES - 2))  # two-sided 5%, Bonferroni over coordinates
         worst = []
         for window in np.unique(np.linspace(lower, upper, num=3).astype(int)):
             recent = iterates[-window:]
             rhat = split_rhat(recent)
             trend, se = linear_trend(recent)
-            unsettled = (rhat >= self.rhat_threshold) & (np.abs(trend) >= z * se) & (np.abs(trend) >= self.drift_tolerance * scales)
+            unsettled = (rhat >= self.rhat_threshold) & (np.abs(trend) >= critical * se) & (np.abs(trend) >= self.drift_tolerance * scales)
             if not unsettled.any():
                 self.last_rhat, self.stationary_step = float(np.max(rhat)), step + 1  # average from the next iterate on
                 return

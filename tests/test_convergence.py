@@ -218,18 +218,15 @@ def test_the_rule_cuts_the_learning_rate_until_the_average_is_precise():
     assert monitor.summary()["lr_halvings"] == monitor.phase and "converged at step" in monitor.status
 
 
-@pytest.mark.slow
-def test_linear_regression_fullrank_reports_truthfully_and_lands_at_the_closed_form():
-    """--max-steps 9000 (3x the gallery's fixed budget) on the full-rank guide: whether or not the rule calls it converged
-    (measured: not, the Cholesky factor's entries still drift after three cuts, so it says so), the reported values,
-    the last phase's average, are at the closed-form posterior (known noise; Bishop 2006 eq. 3.53-3.54): means within
-    0.3 sd and log sds within 0.3, 3 x the rule's MCSE threshold (0.1 of q's sd for a location, 0.1 for a log-scale)."""
+def test_linear_regression_fullrank_stops_at_the_closed_form_before_the_fixed_budget():
+    """--max-steps 9000 on the full-rank guide: the rule stops before the gallery's fixed 3,000 steps (measured: 1,550)
+    at the closed-form posterior (known noise; Bishop 2006 eq. 3.53-3.54): means within 0.3 sd and log sds within
+    0.3, 3 x the rule's MCSE threshold (0.1 of q's sd for a location, 0.1 for a log-scale)."""
     import ppvi
 
     result = ppvi.fit("linear_regression", "fullrank", seed=0, max_steps=9000)
     convergence = result.config["convergence"]["0"]
-    assert convergence["converged"] == convergence["status"].startswith("converged at step")
-    assert convergence["converged"] or len(result.elbo_trace) == 9000
+    assert convergence["converged"] and convergence["stop_step"] < 3000, convergence["status"]
     x, y = result.data["x"].double(), result.data["y"].double()
     design = torch.cat([torch.ones(len(x), 1, dtype=x.dtype), x], -1)
     cov = torch.linalg.inv(design.T @ design + torch.eye(design.shape[1]) / 100.0)
