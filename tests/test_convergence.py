@@ -243,7 +243,7 @@ def test_a_minibatch_fit_stops_early_on_held_out_points_and_restores_the_best():
     (recorded in the trace), and the reported parameters are those of the best evaluation."""
     import ppvi
 
-    result = ppvi.fit("normal_normal", batch_size=10, seed=0)
+    result = ppvi.fit("normal_normal", batch_size=10, seed=0, auto_stop=True)  # (its file counts steps: asked for)
     heldout, convergence = result.config["heldout"], result.config["convergence"]["0"]
     assert heldout["num_data"] == 5 and result.config["num_data"] == 45  # the gallery data: 50 points
     evaluated = result.elbo_trace.dropna(subset=["heldout_elbo"])
@@ -280,6 +280,7 @@ def test_the_default_budget_follows_the_model_file():
     minibatch = FitConfig().resolve({"epochs": 100, "batch_size": 128})
     assert minibatch.auto_stop and minibatch.epochs == 100 and minibatch.steps is None
     assert not FitConfig(steps=10).resolve({}).auto_stop
+    assert not FitConfig(batch_size=10).resolve({}).auto_stop  # a global latent's best held-out checkpoint fits the held-out points
 
 
 def test_lr_decay_is_a_schedule_the_rule_does_not_run_under():
@@ -297,6 +298,6 @@ def test_a_run_that_stopped_early_on_held_out_points_opens_again(tmp_path):
     import ppvi
     from ppvi.diagnostics import diagnose, format_diagnosis
 
-    ppvi.fit("normal_normal", batch_size=10, seed=0, out=tmp_path / "run")
+    ppvi.fit("normal_normal", batch_size=10, seed=0, auto_stop=True, out=tmp_path / "run")
     report = format_diagnosis(diagnose(tmp_path / "run", num_samples=200, write=False))
     assert "optimisation:\n  restart 0:" in report
