@@ -325,14 +325,19 @@ def disperse_(store, *, seed: int, radius: float = 2.0, scale_spread: float = 2.
 
 def start_(init: str, model_fn, guide, batch, options) -> Start:
     """Restart 0's start by ``--init``: ``laplace`` (fail if impossible), ``default`` (the guide's own:
-    unconstrained 0, scale ``ppvi.guides.INIT_SCALE``) or ``auto``: Laplace for Gaussian autoguides
-    whose model has a finite mode with a positive definite Hessian, else the guide's own start."""
+    unconstrained 0, scale ``ppvi.guides.INIT_SCALE``) or ``auto``: Laplace for the Gaussian autoguides
+    ppvi builds (a gallery guide, ``guide=None``, ``--guide AutoNormal``) whose model has a finite mode
+    with a positive definite Hessian, else the guide's own start. An autoguide instance the user made
+    (``guide = AutoNormal(model, init_scale=...)``) keeps its own initialisation unless ``laplace`` is asked.
+    ``guide`` may be a plain pair's wrapper: its ``autoguide`` attribute is the autoguide inside."""
     if init not in INIT_CHOICES:
         raise UsageError(f"--init must be one of {', '.join(INIT_CHOICES)} (got {init!r}).")
     if init == "default":
         return Start("default start (the guide's own initialisation)")
+    if init == "auto" and getattr(guide, "own_instance", False):
+        return Start("default start (your own autoguide instance keeps its initialisation; --init laplace starts it at the Laplace approximation)")
     try:
-        return laplace_init_(model_fn, guide, batch, options)
+        return laplace_init_(model_fn, getattr(guide, "autoguide", None) or guide, batch, options)
     except (ValueError, RuntimeError, NotImplementedError) as error:
         if init == "laplace":
             raise UsageError(f"--init laplace: the Laplace start is impossible for this model: {error}. Use --init default.") from None

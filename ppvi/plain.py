@@ -394,9 +394,11 @@ class PlainPair:
         def guide_fn(batch, options=None):
             return run(guide, "guide", batch)
 
+        own_instance = isinstance(guide, _Deferred) and guide.instance is not None
         if isinstance(guide, _Deferred):
             guide = guide.build(model, state)
-        model_fn.user_fn, guide_fn.user_fn = model, guide
+        # for ppvi.init.start_: the autoguide inside guide_fn, and whether it is the user's own instance (its start is theirs)
+        guide_fn.autoguide, guide_fn.own_instance = (guide if isinstance(guide, AutoGuide) else None), own_instance
         self._last = (model_fn, guide_fn)
         return model_fn, guide_fn
 
