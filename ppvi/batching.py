@@ -14,7 +14,7 @@ import torch
 
 from .data import Batch
 
-__all__ = ["Batches", "batch_at", "load_data_tensors"]
+__all__ = ["Batches", "batch_at", "load_data_tensors", "num_points"]
 
 
 def load_data_tensors(model_file, data, options, device: torch.device) -> tuple[str | None, dict]:
@@ -30,6 +30,12 @@ def load_data_tensors(model_file, data, options, device: torch.device) -> tuple[
         source = "in-memory"
         tensors = data if isinstance(data, dict) else {"x": data}
     return source, {name: value.to(device) for name, value in tensors.items()}
+
+
+def num_points(data: dict) -> int:
+    """The number of data points: the leading size of the per-point tensors, or 1 for a model without any
+    (``def model(): ...`` over module-level data or none: the whole data set is one point)."""
+    return int(next(iter(data.values())).shape[0]) if data else 1
 
 
 class Batches:

@@ -15,6 +15,7 @@ import torch
 import pyro
 from pyro.poutine.util import site_is_subsample
 
+from .batching import num_points
 from .data import Batch
 from .errors import UsageError
 from .estimators import choose_estimator, feasible_estimators, inspect_sites
@@ -143,7 +144,7 @@ def check(model, guide=None, *, data=None, batch_size: int | None = None, option
         report.title = f"{pair.name} ({pair.path}): {pair.convention}; guide {guide or pair.default_guide}"
         options = pair.make_options(options)
         tensors = pair.load_data(data, options) if not isinstance(data, dict) or getattr(pair, "loads_in_memory", False) else data
-        num_data = next(iter(tensors.values())).shape[0] if tensors else 1
+        num_data = num_points(tensors)
         report.lines.append(f"data: {', '.join(f'{k} {tuple(v.shape)}' for k, v in tensors.items()) or 'none'} ({num_data} points)")
         with fit_scope(), rng_scope(0), pyro.validation_enabled(True):
             name = guide if isinstance(guide, str) and guide in pair.guides else pair.default_guide

@@ -65,6 +65,7 @@ import pyro
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from .batching import num_points
 from .data import Batch
 from .errors import UsageError
 from .pyro_util import data_plate, positive, rng_scope, trace_pair
@@ -237,8 +238,8 @@ def _eval_points(result, data, num_samples, batch_size, sample_chunk, seed, rest
     positive("iwae-k", num_samples)
     positive("batch-size", batch_size)
     positive("sample-chunk", sample_chunk)
-    num_data = next(iter(data.values())).shape[0]
-    device = next(iter(result.data.values())).device
+    num_data = num_points(data)
+    device = result.device
     iwae, elbo = torch.empty(num_data, dtype=torch.float64), torch.empty(num_data, dtype=torch.float64)
     with restart_params(result, _chosen(result, restart)) as chosen, rng_scope(seed), torch.no_grad():
         structure = None  # (max plate nesting, data plate), from the first batch
@@ -299,7 +300,7 @@ def load_eval_data(result: FitResult, data=None, *, split: str | None = None) ->
     own ``load_data`` (which reads the train split), by linking them under train-* names in a
     temporary folder; the model file needs no change.
     """
-    device = next(iter(result.data.values())).device
+    device = result.device
     if split not in (None, "train", "test"):
         raise UsageError(f"split must be 'train' or 'test' (got {split!r}).")
     if data is None:

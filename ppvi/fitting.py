@@ -22,7 +22,7 @@ import torch
 import pyro
 
 from . import distributed, rundir
-from .batching import Batches, batch_at, load_data_tensors
+from .batching import Batches, batch_at, load_data_tensors, num_points
 from .checkpoint import RunWriter
 from .config import FitConfig
 from .convergence import EarlyStopping, Stationarity, default_threads, heldout_split, load_unconstrained_, q_scales, threads_scope
@@ -79,7 +79,7 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     device = distributed.local_device(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     source, tensors = load_data_tensors(model_file, data, options, device)
     train_data, heldout = _split_heldout(tensors, config)
-    batches = Batches(next(iter(train_data.values())).shape[0], config.batch_size, config.seed, device)
+    batches = Batches(num_points(train_data), config.batch_size, config.seed, device)
     total_steps = config.steps if config.steps is not None else config.epochs * batches.steps_per_epoch()
     writer = RunWriter(out, resume=resume, device=device, writer=distributed.env_rank() == 0, checkpoint_every=config.checkpoint_every)
     # refuse what cannot run at this world size on every rank alike, then join the process group (one barrier)
@@ -128,7 +128,7 @@ class FitJob:
 def _split_heldout(tensors: dict, config: FitConfig) -> tuple[dict, dict | None]:
     """``(training data, held-out data or None)``: a minibatch fit that stops by itself holds out a seeded
     tenth of the points for early stopping; every other fit trains on all of them."""
-    num_data = next(iter(tensors.values())).shape[0]
+    num_data = num_points(tensors)
     if not config.auto_stop or config.batch_size is None or config.batch_size >= num_data or num_data < 20:
         return tensors, None
     train, heldout = heldout_split(num_data, fraction=HELDOUT_FRACTION, seed=config.seed)

@@ -30,6 +30,7 @@ import torch
 
 import pyro
 
+from .batching import Batches, batch_at, load_data_tensors, num_points
 from .errors import UsageError
 from .estimators import BASELINES, EstimatorSettings, build, feasible_estimators, probe, spec
 from .pyro_util import finite, is_baseline_state, positive, rng_scope
@@ -64,7 +65,6 @@ def _targets(store) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
     """Yield (model_fn, guide_fn, batch, options, label) with the parameters in the param store."""
-    from .batching import Batches, batch_at, load_data_tensors
     from .gallery import load_model
     from .pyro_util import resolve_device
     from .runs import load_run, restart_params
@@ -75,7 +75,7 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
         batch_size = batch_size or result.config.get("batch_size")
         with restart_params(result, chosen):
             num_data = result.config["num_data"]
-            batches = Batches(num_data, batch_size, seed, next(iter(result.data.values())).device)
+            batches = Batches(num_data, batch_size, seed, result.device)
             batch = batch_at(result.data, batches.index(0), num_data, batches.batch_size is None)
             stream = Batches(num_data, batch_size, seed + 1, batch.index.device)
             sample = lambda step: batch_at(result.data, stream.index(step), num_data, stream.batch_size is None)  # noqa: E731
@@ -88,7 +88,7 @@ def _setup(model, guide, data, options, run, restart, batch_size, seed, device):
     torch_device = resolve_device(device)
     options = model_file.make_options(options)
     _, tensors = load_data_tensors(model_file, data, options, torch_device)
-    num_data = next(iter(tensors.values())).shape[0]
+    num_data = num_points(tensors)
     batch_size = batch_size or model_file.fit_defaults.get("batch_size")
     store = pyro.get_param_store()
     with store.scope(), (torch.device(torch_device) if torch_device.type != "cpu" else contextlib.nullcontext()):

@@ -353,10 +353,11 @@ class PlainPair:
         named like arguments, else the whole table as the first argument), a Tensor (the first
         argument), a dict (by keyword) or a tuple (positional).
         """
-        tensors = isinstance(source, list) and source and all(isinstance(item, torch.Tensor) for item in source)
-        if tensors and len(source) > len(self.argument_names()):
+        if _tensor_list(source) and len(source) > len(self.argument_names()):
             source = torch.stack(source)  # SVI part I's `data = [torch.tensor(1.0), ...]`: one row per item
-        data, self.constants = _split_data(self, _values_from(self, source))
+        values = _values_from(self, source)
+        values = {name: torch.stack(value) if _tensor_list(value) else value for name, value in values.items()}
+        data, self.constants = _split_data(self, values)
         return data
 
     # ------------------------------------------------------------------ the pair
@@ -492,6 +493,12 @@ def _pristine(instance: AutoGuide) -> tuple:
 
 
 # ----------------------------------------------------------------------------- data
+
+
+def _tensor_list(value) -> bool:
+    """A non-empty list of tensors of one shape (SVI part I's ``data = [torch.tensor(1.0), ...]``): one row each."""
+    return (isinstance(value, list) and bool(value) and all(isinstance(item, torch.Tensor) for item in value)
+            and len({item.shape for item in value}) == 1)
 
 
 def _values_from(pair: PlainPair, source) -> dict:

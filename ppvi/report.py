@@ -12,6 +12,7 @@ import torch
 import pyro
 import pyro.poutine as poutine
 
+from .batching import num_points
 from .data import Batch
 from .pyro_util import is_baseline_state
 
@@ -39,7 +40,7 @@ def posterior_moments(result, restart=None, num_draws: int = NUM_DRAWS) -> dict:
     """
     restart = restart or result.best
     data = result.data or {}
-    num_data = next(iter(data.values())).shape[0] if data else 1
+    num_data = num_points(data)
     batch = Batch(data, torch.arange(num_data, device=result.device), num_data)
     draws: dict = {}
     try:

@@ -22,6 +22,7 @@ import pyro
 import pyro.poutine as poutine
 
 from . import rundir
+from .batching import num_points
 from .data import Batch
 from .errors import UsageError
 from .gallery import load_model
@@ -122,7 +123,7 @@ def _run_data(run_dir: Path, config: dict, model_file, options, device: torch.de
     with rng_scope(config.get("seed", 0)):  # loaders may draw (synthetic data are seeded by their own spec)
         data = model_file.load_data(None if source == "built-in" else source, options)
     data = {name: value.to(device) for name, value in data.items()}
-    num_data = next(iter(data.values())).shape[0]
+    num_data = num_points(data)
     heldout = config.get("heldout")
     expected = config.get("num_data", 0) + (heldout.get("num_data", 0) if isinstance(heldout, dict) else 0)  # early stopping held some out
     if num_data != expected:
@@ -132,8 +133,8 @@ def _run_data(run_dir: Path, config: dict, model_file, options, device: torch.de
 
 def full_batch(result: FitResult) -> Batch:
     """The whole data set as one batch (index = arange(N)), as the model and guide expect it."""
-    num_data = next(iter(result.data.values())).shape[0]
-    index = torch.arange(num_data, device=next(iter(result.data.values())).device)
+    num_data = num_points(result.data)
+    index = torch.arange(num_data, device=result.device)
     return Batch(result.data, index, num_data)
 
 

@@ -137,7 +137,7 @@ def prior_samples(result, n: int = 16, seed: int = 0) -> np.ndarray:
     _check_count("n", n)
     model = _decoder(result)
     size = latent_dim(result)
-    device = next(iter(result.data.values())).device
+    device = result.device
     with restart_params(result, result.best), rng_scope(seed), torch.no_grad():
         z = torch.randn(n, size, device=device)
         pixels = model.decode(z)
@@ -170,7 +170,7 @@ def manifold(result, grid: int = 15) -> np.ndarray:
     size = latent_dim(result)
     if size != 2:
         raise UsageError(f"--manifold needs a 2-dimensional latent space; this run has latent_dim = {size}.")
-    device = next(iter(result.data.values())).device
+    device = result.device
     quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, grid)).to(device)
     z2, z1 = torch.meshgrid(quantiles.flip(0), quantiles, indexing="ij")
     z = torch.stack([z1, z2], dim=-1).reshape(-1, 2)

@@ -6,6 +6,7 @@ data comes from changes. Results are checked against closed forms or the publish
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from pyro.distributions.testing.fakes import NonreparameterizedBeta
 from pyro.infer import config_enumerate
 from pyro.infer.autoguide import AutoDelta
 
+import ppvi
 from ppvi import fitting
 from ppvi.gallery import load_pair
 
@@ -158,7 +160,8 @@ def test_regression_minibatch_without_subsample_matches_full_batch():
     # held to the full-batch fit of the same length: means within 0.03 (~1 exact sd), sds within -30%/+50%.
     # Unscaled batches would widen every sd by sqrt(200 / 20) = 3.2x.
     result = fit(regression_model, "AutoNormal", data=(x, y), batch_size=20, steps=500, lr=0.05, lr_decay=0.1, num_particles=4)
-    full = fit(regression_model, "AutoNormal", data=(x, y), steps=500, lr=0.05, lr_decay=0.1, num_particles=4)
+    # (a minibatch fit starts at the guide's own init, so the full-batch fit is started there too, not at the Laplace start)
+    full = fit(regression_model, "AutoNormal", data=(x, y), steps=500, lr=0.05, lr_decay=0.1, num_particles=4, init="default")
     loc, scale = _autonormal_moments(result.params)
     full_loc, full_scale = _autonormal_moments(full.params)
     assert torch.allclose(loc, full_loc, atol=0.03) and torch.allclose(loc, mean, atol=0.08)
@@ -262,3 +265,63 @@ def test_coin_part_one_loop_and_list_data_as_written():
     assert abs(mean - POSTERIOR_MEAN) < 0.03 and abs(sd - POSTERIOR_SD) < 0.02
     with pytest.raises(Exception, match="no vectorized plate"):  # minibatches of a Python loop: refused
         fit(coin_model_loop, coin_guide, data=data, steps=5, batch_size=5)
+
+
+COIN_FILE = '''
+import torch
+import pyro
+import pyro.distributions as dist
+from torch.distributions import constraints
+
+data = []
+for _ in range(6):
+    data.append(torch.tensor(1.0))
+for _ in range(4):
+    data.append(torch.tensor(0.0))
+
+
+def model(data):
+    alpha0 = torch.tensor(10.0)
+    beta0 = torch.tensor(10.0)
+    f = pyro.sample("latent_fairness", dist.Beta(alpha0, beta0))
+    for i in range(len(data)):
+        pyro.sample("obs_{}".format(i), dist.Bernoulli(f), obs=data[i])
+
+
+def guide(data):
+    alpha_q = pyro.param("alpha_q", torch.tensor(15.0), constraint=constraints.positive)
+    beta_q = pyro.param("beta_q", torch.tensor(15.0), constraint=constraints.positive)
+    pyro.sample("latent_fairness", dist.Beta(alpha_q, beta_q))
+'''
+
+
+def test_coin_part_one_file_as_written_stops_by_itself_at_beta_16_14(tmp_path, cli):
+    """The tutorial's file unchanged (module-level ``data``, a list of 0-d tensors, once an internal error):
+    ``ppvi fit coin.py`` with no budget stops by the rule at the posterior."""
+    (tmp_path / "coin.py").write_text(COIN_FILE)
+    run = cli("fit", tmp_path / "coin.py", "--device", "cpu", "--out", tmp_path / "run")
+    assert run.code == 0, run.err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["num_data"] == 10 and config["convergence"]["0"]["converged"], config["convergence"]
+    mean, sd = _beta_moments(ppvi.load_run(tmp_path / "run", model=tmp_path / "coin.py").params)
+    assert abs(mean - POSTERIOR_MEAN) < 0.3 * POSTERIOR_SD and sd == pytest.approx(POSTERIOR_SD, rel=0.15)
+
+
+def test_a_model_without_arguments_over_module_level_data_fits_and_is_diagnosed(tmp_path, cli):
+    """``def model():`` closing over module-level data, a common Pyro style: the whole data set is one
+    point (it was an internal error). Normal mean, known sd 1, flat-ish prior N(0, 10^2): closed form."""
+    (tmp_path / "closure.py").write_text(
+        "import torch, pyro, pyro.distributions as dist\n"
+        "y = torch.tensor([0.2, 1.1, 0.4, 0.9, 0.4])\n"
+        "def model():\n"
+        "    mu = pyro.sample('mu', dist.Normal(0.0, 10.0))\n"
+        "    with pyro.plate('N', len(y)):\n"
+        "        pyro.sample('y', dist.Normal(mu, 1.0), obs=y)\n"
+    )
+    run = cli("fit", tmp_path / "closure.py", "--device", "cpu", "--out", tmp_path / "run")
+    assert run.code == 0, run.err
+    params = ppvi.load_run(tmp_path / "run", model=tmp_path / "closure.py").params
+    precision = 1 / 100 + 5
+    assert abs(float(params["AutoNormal.locs.mu"]) - 3.0 / precision) < 0.3 * precision**-0.5
+    diagnosed = cli("diagnose", tmp_path / "run", "--model", tmp_path / "closure.py", "--num-samples", 2000)
+    assert diagnosed.code == 0 and "verdict: good" in diagnosed.out, diagnosed.out + diagnosed.err

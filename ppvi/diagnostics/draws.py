@@ -19,6 +19,7 @@ from pyro.infer import config_enumerate
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import site_is_subsample
 
+from ..batching import num_points
 from ..errors import UsageError
 from ..pyro_util import device_scope, finite, rng_scope
 from ..runs import full_batch, load_run, restart_params
@@ -197,7 +198,7 @@ def to_inference_data(run, num_samples: int = 1000, seed: int = 0, *, predictive
     seed = check_count("seed", seed, minimum=0)
     layout = layout or build_layout(result)
     vectorize = bool(result.config.get("vectorize_particles"))
-    num_data = next(iter(result.data.values())).shape[0]
+    num_data = num_points(result.data)
     pointwise = len(result.restarts) * num_samples * num_data <= MAX_POINTWISE_VALUES
     observed_values = sum(int(np.prod(site.shape)) for site in layout.observed.values())
     predictive = predictive and pointwise and len(result.restarts) * num_samples * observed_values <= MAX_PREDICTIVE_VALUES

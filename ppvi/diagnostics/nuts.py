@@ -13,6 +13,7 @@ import pyro
 from pyro.infer import config_enumerate
 
 from .. import rundir
+from ..batching import num_points
 from ..errors import UsageError
 from ..pyro_util import device_scope, rng_scope
 from ..runs import full_batch, load_run, restart_params
@@ -40,7 +41,7 @@ class NutsComparison:
 
 def check_nuts(result: FitResult, layout: Layout) -> None:
     """Refuse models NUTS cannot take or that are too large for it (limits: this module's constants)."""
-    num_data = next(iter(result.data.values())).shape[0]
+    num_data = num_points(result.data)
     latent_dim = sum(int(np.prod(site.shape)) for site in layout.latent.values() if not site.discrete)
     discrete = [name for name, site in layout.latent.items() if site.discrete]
     if discrete:
