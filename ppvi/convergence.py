@@ -41,7 +41,7 @@ import pyro
 
 __all__ = [
     "Decision", "Stationarity", "EarlyStopping", "split_rhat", "linear_trend", "mcse_of_mean", "q_scales", "default_threads", "threads_scope",
-    "heldout_split", "load_unconstrained_",
+    "heldout_split", "load_unconstrained_", "fixed_budget_summary",
 ]
 
 TREND_BATCHES = 8  # batch means for the trend test (6 degrees of freedom)
@@ -401,6 +401,27 @@ class Stationarity:
             "num_averaged": self.num_averaged,
             "reported": "iterate average" if self.num_averaged else "last iterate",
         }
+
+
+def fixed_budget_summary(elbo: np.ndarray, *, min_rise: float = 0.01) -> dict:
+    """How a fixed budget (``--steps``, ``--epochs`` or a model file's schedule) ended, from its ELBO trace alone:
+    is the ELBO still rising over the last quarter of the steps (at least ``TREND_WINDOW``)? Rising means the
+    trend of 8 batch means is significantly positive (one-sided 5% t-test, honest for an autocorrelated trace)
+    and larger than ``min_rise`` nats (a KL gain of 0.01 nats is a Gaussian mean moving 0.14 sd). No stopping
+    rule ran, so a flat ELBO is necessary, not sufficient: ``converged`` is None, never True."""
+    window = min(len(elbo), max(TREND_WINDOW, len(elbo) // 4))
+    if window < 2 * TREND_BATCHES:
+        return {"converged": None, "rule": "fixed budget", "elbo_rising": None, "status": f"fixed budget of {len(elbo)} steps: too few to judge"}
+    trend, se = (float(value[0]) for value in linear_trend(np.asarray(elbo[-window:], dtype=float)[:, None]))
+    rising = trend > stats.t.ppf(0.95, TREND_BATCHES - 2) * se and trend > min_rise
+    words = (f"the ELBO is still rising over the last {window} steps ({trend:+.3g} +- {se:.2g} nats): raise --steps, or leave the "
+             "budget out and let the stopping rule decide" if rising else
+             f"the ELBO is flat over the last {window} steps ({trend:+.3g} +- {se:.2g} nats); no stopping rule ran, so that is all that is known")
+    return {"converged": None, "rule": "fixed budget", "elbo_rising": bool(rising), "elbo_trend": trend, "elbo_trend_se": se,
+            "status": f"fixed budget of {len(elbo)} steps: {words}"}
+
+
+TREND_WINDOW = 100
 
 
 def q_scales(store=None) -> dict:

@@ -25,7 +25,7 @@ from . import distributed, rundir
 from .batching import Batches, batch_at, load_data_tensors, num_points
 from .checkpoint import RunWriter
 from .config import FitConfig
-from .convergence import EarlyStopping, Stationarity, default_threads, heldout_split, load_unconstrained_, q_scales, threads_scope
+from .convergence import EarlyStopping, Stationarity, default_threads, fixed_budget_summary, heldout_split, load_unconstrained_, q_scales, threads_scope
 from .distributed import LocalComm
 from .errors import TrainingDiverged, UsageError
 from .estimators import EstimatorSettings, build, probe
@@ -180,7 +180,11 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
                 job.writer.diverged(restart, error, job.record)
                 raise
         job.record.setdefault("start", {})[str(restart)] = beginning.note
-        if monitor is not None:
+        if monitor is None:  # a fixed budget: say whether its ELBO was still rising at the end
+            summary = fixed_budget_summary(trace["elbo"].to_numpy())
+            job.record.setdefault("convergence", {})[str(restart)] = summary
+            job.log_fn(f"{label}: {summary['status']}")
+        else:
             _report_convergence(job, restart, monitor, finished, label, lambda: job.writer.checkpoint(
                 restart, store=store, optimizer=optimizer, step=int(trace["step"].iloc[-1]) + 1, elapsed=elapsed, seed=seed,
                 done=True, trace=trace))

@@ -166,11 +166,30 @@ def test_a_fit_that_converges_reports_its_step_and_the_average():
     assert result.params["mu_scale"].item() == pytest.approx(precision**-0.5, rel=0.15)
 
 
-def test_fixed_steps_keep_the_old_behaviour():
+def test_fixed_steps_keep_the_old_behaviour_and_say_whether_the_elbo_still_rose():
     import ppvi
 
     result = ppvi.fit("normal_normal", steps=60, seed=0)
-    assert len(result.elbo_trace) == 60 and "convergence" not in result.config
+    summary = result.config["convergence"]["0"]
+    assert len(result.elbo_trace) == 60 and summary["converged"] is None and summary["rule"] == "fixed budget"
+    assert summary["status"].startswith("fixed budget of 60 steps: the ELBO is")
+
+
+def test_fixed_budget_summary_tells_a_rising_elbo_from_a_flat_autocorrelated_one():
+    """AR(1) noise (phi 0.9, as Adam's iterates make the ELBO) around a constant is flat; the same noise on
+    a rise of 40 nats over 400 steps (10 over the last 100: 6 se of the batch-means trend) is rising."""
+    from ppvi.convergence import fixed_budget_summary
+
+    rng = np.random.default_rng(0)
+    noise = np.zeros(400)
+    for t in range(1, 400):
+        noise[t] = 0.9 * noise[t - 1] + rng.normal()
+    flat = fixed_budget_summary(-100 + noise)
+    rising = fixed_budget_summary(-100 + noise + np.linspace(0, 40, 400))
+    assert flat["elbo_rising"] is False and "flat over the last 100 steps" in flat["status"]
+    assert rising["elbo_rising"] is True and "still rising" in rising["status"] and "raise --steps" in rising["status"]
+    assert flat["converged"] is None and rising["converged"] is None  # no rule ran: never "converged"
+    assert fixed_budget_summary(np.zeros(10))["elbo_rising"] is None
 
 
 def test_a_converged_run_saves_its_iterate_average_and_resume_leaves_it_as_it_was(tmp_path):
@@ -265,7 +284,7 @@ def test_diagnose_shows_how_the_fit_ended_beside_khat():
     short = diagnose(ppvi.fit("normal_normal", max_steps=100, seed=0), num_samples=500, write=False)
     assert "a restart did not converge" in format_diagnosis(short)
     fixed = diagnose(ppvi.fit("normal_normal", steps=100, seed=0), num_samples=500, write=False)
-    assert "a fixed budget of steps" in format_diagnosis(fixed)
+    assert "optimisation:\n  restart 0: fixed budget of 100 steps: the ELBO is" in format_diagnosis(fixed)
 
 
 def test_the_default_budget_follows_the_model_file():

@@ -253,7 +253,7 @@ def _convergence_lines(convergence: dict) -> list[str]:
     if not convergence:
         return ["optimisation: a fixed budget of steps (no stopping rule ran: the fit was given --steps or --epochs)"]
     lines = ["optimisation:"] + [f"  restart {restart}: {summary.get('status', '?')}" for restart, summary in sorted(convergence.items())]
-    if not all(summary.get("converged") for summary in convergence.values()):
+    if any(summary.get("converged") is False or summary.get("elbo_rising") for summary in convergence.values()):
         lines.append("  a restart did not converge: the k-hat above judges the q it stopped at, not the optimum; fit it longer first")
     return lines
 
