@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 TREND_BATCHES = 8  # batch means for the trend test (6 degrees of freedom)
+TREND_WINDOW = 100  # fewest steps a fixed budget's end is judged over
 NOT_CONVERGED = "not converged within the budget: raise --max-steps or lower --lr"
 
 
@@ -403,25 +404,22 @@ class Stationarity:
         }
 
 
-def fixed_budget_summary(elbo: np.ndarray, *, min_rise: float = 0.01) -> dict:
+def fixed_budget_summary(elbo: np.ndarray, *, min_rise: float = 0.1, budget_option: str = "--steps") -> dict:
     """How a fixed budget (``--steps``, ``--epochs`` or a model file's schedule) ended, from its ELBO trace alone:
     is the ELBO still rising over the last quarter of the steps (at least ``TREND_WINDOW``)? Rising means the
     trend of 8 batch means is significantly positive (one-sided 5% t-test, honest for an autocorrelated trace)
-    and larger than ``min_rise`` nats (a KL gain of 0.01 nats is a Gaussian mean moving 0.14 sd). No stopping
+    and larger than ``min_rise`` nats (a KL gain of 0.1 nats is one Gaussian mean moving 0.45 sd). No stopping
     rule ran, so a flat ELBO is necessary, not sufficient: ``converged`` is None, never True."""
     window = min(len(elbo), max(TREND_WINDOW, len(elbo) // 4))
     if window < 2 * TREND_BATCHES:
         return {"converged": None, "rule": "fixed budget", "elbo_rising": None, "status": f"fixed budget of {len(elbo)} steps: too few to judge"}
     trend, se = (float(value[0]) for value in linear_trend(np.asarray(elbo[-window:], dtype=float)[:, None]))
     rising = trend > stats.t.ppf(0.95, TREND_BATCHES - 2) * se and trend > min_rise
-    words = (f"the ELBO is still rising over the last {window} steps ({trend:+.3g} +- {se:.2g} nats): raise --steps, or leave the "
+    words = (f"the ELBO is still rising over the last {window} steps ({trend:+.3g} +- {se:.2g} nats): raise {budget_option}, or leave the "
              "budget out and let the stopping rule decide" if rising else
              f"the ELBO is flat over the last {window} steps ({trend:+.3g} +- {se:.2g} nats); no stopping rule ran, so that is all that is known")
     return {"converged": None, "rule": "fixed budget", "elbo_rising": bool(rising), "elbo_trend": trend, "elbo_trend_se": se,
             "status": f"fixed budget of {len(elbo)} steps: {words}"}
-
-
-TREND_WINDOW = 100
 
 
 def q_scales(store=None) -> dict:

@@ -181,7 +181,7 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
                 raise
         job.record.setdefault("start", {})[str(restart)] = beginning.note
         if monitor is None:  # a fixed budget: say whether its ELBO was still rising at the end
-            summary = fixed_budget_summary(trace["elbo"].to_numpy())
+            summary = fixed_budget_summary(trace["elbo"].to_numpy(), budget_option="--epochs" if config.epochs else "--steps")
             job.record.setdefault("convergence", {})[str(restart)] = summary
             job.log_fn(f"{label}: {summary['status']}")
         else:
