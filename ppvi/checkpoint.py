@@ -141,7 +141,13 @@ class RunWriter:
             return True
         return self.checkpoint_every is None and time.perf_counter() - self._last_write > CHECKPOINT_SECONDS
 
-    def checkpoint(self, restart: int, *, store, optimizer, step: int, elapsed: float, seed: int, done: bool, trace: pd.DataFrame) -> None:
+    def monitor_state(self, restart: int) -> dict | None:
+        """The stopping rule's state saved with a resumed restart's checkpoint (None: none was saved)."""
+        snapshot = self.snapshots[restart] if restart < len(self.snapshots) else None
+        return None if snapshot is None else snapshot.get("monitor")
+
+    def checkpoint(self, restart: int, *, store, optimizer, step: int, elapsed: float, seed: int, done: bool, trace: pd.DataFrame,
+                   monitor=None) -> None:
         """Keep this restart's state, and write it with the trace; never from non-finite parameters."""
         self._last_write = time.perf_counter()
         self.traces[restart] = trace
@@ -156,6 +162,7 @@ class RunWriter:
             "params": {name: store[name].detach().clone() for name in store.keys()},
             "optimizer": optimizer.state_dict(),
             "rng": _rng_state(self.device),
+            **({"monitor": monitor.state_dict()} if monitor is not None else {}),
         }
         if self.run_dir is not None and self.writer:
             rundir.write_trace(self.run_dir, self.trace())

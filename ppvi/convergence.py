@@ -387,6 +387,27 @@ class Stationarity:
     def converged(self) -> bool:
         return self.stopped is not None
 
+    _STATE = ("phase", "lr", "count", "thin", "stationary_step", "num_averaged", "elbos", "last_rhat", "last_mcse", "last_change", "last_step")
+
+    def state_dict(self) -> dict:
+        """What ``--resume`` needs to go on where the rule was (tensors and plain values: params.pt loads weights_only)."""
+        state = {name: getattr(self, name) for name in self._STATE}
+        state.update(buffer=self.buffer[: self.count].clone(), buffer_steps=torch.as_tensor(self.buffer_steps[: self.count]),
+                     sum={name: value.clone() for name, value in self.sum.items()}, stopped=None if self.stopped is None else
+                     [self.stopped.step, self.stopped.reason], previous=None if self.previous is None else
+                     [torch.as_tensor(self.previous[0]), torch.as_tensor(self.previous[1]), bool(self.previous[2])])
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name])
+        self.buffer[: self.count] = state["buffer"].to(self.buffer.device)
+        self.buffer_steps[: self.count] = state["buffer_steps"].numpy()
+        for name, value in state["sum"].items():
+            self.sum[name].copy_(value)
+        self.stopped = None if state["stopped"] is None else Decision(*state["stopped"])
+        self.previous = None if state["previous"] is None else (state["previous"][0].numpy(), state["previous"][1].numpy(), state["previous"][2])
+
     def summary(self) -> dict:
         """Plain data for config.json and FitResult."""
         return {
@@ -528,6 +549,17 @@ class EarlyStopping:
             return self.stopped.reason
         best = "" if self.best_step is None else f" (held-out ELBO still improving: best {self.best_elbo:.4g} per point at step {self.best_step + 1}, restored)"
         return f"{NOT_CONVERGED}{best}"
+
+    def state_dict(self) -> dict:
+        """What ``--resume`` needs: the best evaluation and parameters so far, the patience spent, the last epoch."""
+        return {"best_elbo": self.best_elbo, "best_step": self.best_step, "checks_since_best": self.checks_since_best,
+                "last_epoch": self.last_epoch, "best_params": {name: value.clone() for name, value in self.best_params.items()},
+                "stopped": None if self.stopped is None else [self.stopped.step, self.stopped.reason]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_elbo, self.best_step, self.checks_since_best = state["best_elbo"], state["best_step"], state["checks_since_best"]
+        self.last_epoch, self.best_params = state["last_epoch"], dict(state["best_params"])
+        self.stopped = None if state["stopped"] is None else Decision(*state["stopped"])
 
     def summary(self) -> dict:
         return {"converged": self.converged, "status": self.status, "stop_step": None if self.stopped is None else self.stopped.step + 1,

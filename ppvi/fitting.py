@@ -158,6 +158,8 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
         optimizer = precondition_(_optimizer(store, config, job.device), beginning.step_scales)
         start, elapsed, trace = job.writer.restore(restart, store, optimizer)  # refuses parameters that do not fit the pair
         monitor = _monitor(job, store, optimizer, trace, estimator, seed) if config.auto_stop else None
+        if monitor is not None and job.writer.monitor_state(restart) is not None:  # resumed: the rule goes on where it was
+            monitor.load_state_dict(job.writer.monitor_state(restart))
         if restart == 0:  # every check passed: only now does the run directory change
             job.writer.start(job.record, settings_differ=lambda old: _settings_differ(old, config))
         scoped = loop_needs_device_scope(model_fn, guide_fn, first, job.options, device=job.device)
@@ -172,7 +174,8 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
                     config=config, total_steps=start if finished else job.total_steps, restart=restart, start=start, elapsed=elapsed,
                     trace=trace, comm=job.comm,
                     checkpoint_fn=lambda step, seconds, done, rows: job.writer.checkpoint(
-                        restart, store=store, optimizer=optimizer, step=step, elapsed=seconds, seed=seed, done=done, trace=rows),
+                        restart, store=store, optimizer=optimizer, step=step, elapsed=seconds, seed=seed, done=done, trace=rows,
+                        monitor=monitor),
                     checkpoint_due=job.writer.due,
                     progress_fn=lambda step, elbo: bar.update(task, completed=step, elbo=f"{elbo:.4g}"), monitor=monitor,
                 )
@@ -187,13 +190,14 @@ def _fit_restart(job: FitJob, restart: int, bar) -> RestartResult:
         else:
             _report_convergence(job, restart, monitor, finished, label, lambda: job.writer.checkpoint(
                 restart, store=store, optimizer=optimizer, step=int(trace["step"].iloc[-1]) + 1, elapsed=elapsed, seed=seed,
-                done=True, trace=trace))
+                done=True, trace=trace, monitor=monitor))
         return _restart_result(restart, seed, store, trace, model_fn, guide_fn)
 
 
 def _monitor(job: FitJob, store, optimizer, trace, estimator, seed: int):
     """The stopping rule: early stopping on the held-out points for a minibatch fit, else stationarity with
-    iterate averaging, at the learning rate the trace last recorded when resumed (its phases are not saved)."""
+    iterate averaging. A resumed restart's rule state comes back from its checkpoint (``load_state_dict``); a run
+    checkpointed before rule states were saved goes on at the learning rate its trace last recorded."""
     if job.heldout is not None:
         heldout = batch_at(job.heldout, torch.arange(len(next(iter(job.heldout.values()))), device=job.device),
                            len(next(iter(job.heldout.values()))), True)
@@ -236,7 +240,7 @@ def train(*, estimator, data: dict, options, batches: Batches, optimizer, config
     ``monitor`` (:class:`ppvi.convergence.Stationarity`, or :class:`~ppvi.convergence.EarlyStopping` for a
     minibatch fit) sees the parameters after every step and decides at the buffered reads whether to stop
     early; it may cut the learning rate and add columns to the rows it sees (``lr``, ``heldout_elbo``).
-    On ``--resume`` a monitor starts afresh (its phases and best-so-far are not checkpointed).
+    Its state is saved with each checkpoint, so ``--resume`` goes on where the rule was.
     """
     comm = comm or LocalComm()
     buffer = ElboBuffer(batches.full.device, objective=estimator.objective)

@@ -345,3 +345,24 @@ def test_resume_is_exact_with_baselines_and_temperature_schedules(tmp_path, monk
     resumed = ppvi.resume(tmp_path / "resumed")
     np.testing.assert_array_equal(resumed.elbo_trace["elbo"].to_numpy(), reference.elbo_trace["elbo"].to_numpy())
     assert resumed.config["estimator_options"] == reference.config["estimator_options"]
+
+
+@pytest.mark.parametrize("batch_size,every", [(None, 100), (20, 50)], ids=["stationarity", "early-stopping"])
+def test_resume_goes_on_where_the_stopping_rule_was(tmp_path, monkeypatch, batch_size, every):
+    """Interrupted mid-fit (after a learning-rate cut, or after held-out evaluations), then resumed: the rule's
+    phases, averages and best checkpoint come back with the parameters, so the resumed fit stops at the same step
+    with the same values as the uninterrupted one (before, the rule started afresh and stopped elsewhere)."""
+    x = 1.5 + torch.randn(200, generator=torch.Generator().manual_seed(0))
+    settings = dict(data={"x": x}, batch_size=batch_size, checkpoint_every=every, seed=0, device="cpu", auto_stop=True)
+    reference = ppvi.fit("normal_normal", out=tmp_path / "reference", **settings)
+    stop = reference.config["convergence"]["0"]["stop_step"]
+    assert stop is not None and stop > 4 * every, reference.config["convergence"]
+
+    interrupt_after_checkpoints(monkeypatch, count=4)  # stop right after the fourth checkpoint, mid-rule
+    with pytest.raises(Interrupted):
+        ppvi.fit("normal_normal", out=tmp_path / "resumed", **settings)
+    monkeypatch.undo()
+    resumed = ppvi.fit("normal_normal", out=tmp_path / "resumed", resume=True, **settings)
+    assert resumed.config["convergence"]["0"]["stop_step"] == stop
+    for name, value in reference.params.items():
+        torch.testing.assert_close(resumed.params[name], value)
