@@ -391,8 +391,8 @@ class Stationarity:
 
     def state_dict(self) -> dict:
         """What ``--resume`` needs to go on where the rule was (tensors and plain values: params.pt loads weights_only)."""
-        state = {name: getattr(self, name) for name in self._STATE}
-        state.update(buffer=self.buffer[: self.count].clone(), buffer_steps=torch.as_tensor(self.buffer_steps[: self.count]),
+        state = {name: getattr(self, name) for name in self._STATE} | {"elbos": list(self.elbos)}  # copies: the rule goes on
+        state.update(buffer=self.buffer[: self.count].clone(), buffer_steps=torch.tensor(self.buffer_steps[: self.count]),
                      sum={name: value.clone() for name, value in self.sum.items()}, stopped=None if self.stopped is None else
                      [self.stopped.step, self.stopped.reason], previous=None if self.previous is None else
                      [torch.as_tensor(self.previous[0]), torch.as_tensor(self.previous[1]), bool(self.previous[2])])
