@@ -41,7 +41,7 @@ import pyro
 
 __all__ = [
     "Decision", "Stationarity", "EarlyStopping", "split_rhat", "linear_trend", "mcse_of_mean", "q_scales", "default_threads", "threads_scope",
-    "heldout_split", "load_unconstrained_", "fixed_budget_summary",
+    "heldout_split", "load_unconstrained_", "fixed_budget_summary", "elbo_trend",
 ]
 
 TREND_BATCHES = 8  # batch means for the trend test (6 degrees of freedom)
@@ -323,10 +323,7 @@ class Stationarity:
         (a long autocorrelation), and R-hat over windows shorter than that wander calls the cloud
         non-stationary long after the ELBO is flat."""
         length = max(self.min_window, len(self.elbos) // 2)
-        if len(self.elbos) < length:
-            return False
-        trend, se = linear_trend(np.asarray(self.elbos[-length:], dtype=float)[:, None])
-        return bool(trend[0] < stats.t.ppf(0.95, TREND_BATCHES - 2) * se[0])
+        return len(self.elbos) >= length and not elbo_trend(self.elbos[-length:])[2]
 
     def _shrink_step(self, mean: np.ndarray, mcse: np.ndarray, precise: bool) -> None:
         """Cut the learning rate and restart from the average (RAABBVI): a new phase."""
@@ -425,6 +422,14 @@ class Stationarity:
         }
 
 
+def elbo_trend(elbo) -> tuple[float, float, bool]:
+    """``(rise, se, significant)`` of an ELBO trace: the rise over it of the line through its 8 batch means
+    (:func:`linear_trend`), its standard error, and whether it is significantly positive (one-sided 5% t-test).
+    Batch means keep the test honest for an autocorrelated trace; a steady rise, however noisy, lines them up."""
+    trend, se = (float(value[0]) for value in linear_trend(np.asarray(elbo, dtype=float)[:, None]))
+    return trend, se, trend > stats.t.ppf(0.95, TREND_BATCHES - 2) * se
+
+
 def fixed_budget_summary(elbo: np.ndarray, *, min_rise: float = 0.1, budget_option: str = "--steps") -> dict:
     """How a fixed budget (``--steps``, ``--epochs`` or a model file's schedule) ended, from its ELBO trace alone:
     is the ELBO still rising over the last quarter of the steps (at least ``TREND_WINDOW``)? Rising means the
@@ -434,8 +439,8 @@ def fixed_budget_summary(elbo: np.ndarray, *, min_rise: float = 0.1, budget_opti
     window = min(len(elbo), max(TREND_WINDOW, len(elbo) // 4))
     if window < 2 * TREND_BATCHES:
         return {"converged": None, "rule": "fixed budget", "elbo_rising": None, "status": f"fixed budget of {len(elbo)} steps: too few to judge"}
-    trend, se = (float(value[0]) for value in linear_trend(np.asarray(elbo[-window:], dtype=float)[:, None]))
-    rising = trend > stats.t.ppf(0.95, TREND_BATCHES - 2) * se and trend > min_rise
+    trend, se, significant = elbo_trend(elbo[-window:])
+    rising = significant and trend > min_rise
     words = (f"the ELBO is still rising over the last {window} steps ({trend:+.3g} +- {se:.2g} nats): raise {budget_option}, or leave the "
              "budget out and let the stopping rule decide" if rising else
              f"the ELBO is flat over the last {window} steps ({trend:+.3g} +- {se:.2g} nats); no stopping rule ran, so that is all that is known")

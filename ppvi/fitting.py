@@ -87,7 +87,7 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     comm = distributed.connect(device)
     record = _record(model_file, config, options, source, batches, total_steps, device) | {"world_size": comm.world_size}
     if heldout is not None:
-        record["heldout"] = {"num_data": len(next(iter(heldout.values()))), "seed": config.seed, "fraction": HELDOUT_FRACTION}
+        record["heldout"] = {"num_data": num_points(heldout), "seed": config.seed, "fraction": HELDOUT_FRACTION}
     job = FitJob(model_file, config, estimator_settings, options, train_data, batches, total_steps, device, record=record,
                  writer=writer, log_fn=log_fn or (lambda message: None), comm=comm, heldout=heldout)
     try:
@@ -199,8 +199,8 @@ def _monitor(job: FitJob, store, optimizer, trace, estimator, seed: int):
     iterate averaging. A resumed restart's rule state comes back from its checkpoint (``load_state_dict``); a run
     checkpointed before rule states were saved goes on at the learning rate its trace last recorded."""
     if job.heldout is not None:
-        heldout = batch_at(job.heldout, torch.arange(len(next(iter(job.heldout.values()))), device=job.device),
-                           len(next(iter(job.heldout.values()))), True)
+        size = num_points(job.heldout)
+        heldout = batch_at(job.heldout, torch.arange(size, device=job.device), size, True)
 
         def evaluate() -> float:  # the held-out ELBO per point, under the same random numbers each time
             with torch.no_grad(), rng_scope(seed + HELDOUT_SEED_OFFSET):
