@@ -34,13 +34,17 @@ from torch import nn
 import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
+from pyro.ops.indexing import Vindex
 
 from ppvi.data import old_faithful, parse_synthetic, read_csv, standardize, synthetic_gmm
 from ppvi.errors import DataError
 from ppvi.init import kmeans
 from ppvi.modeling import GammaDirichlet  # the Dirichlet, with gradients that stay finite on CUDA
 
-FIT_DEFAULTS = {"steps": 600, "lr": 0.05, "lr_decay": 0.01}  # decayed: at a constant 0.05 the last iterate was 1 posterior sd off
+# Stops by the rule (at most 1,800 steps); 8 vectorized particles: the average is precise in 600-700 steps, measured
+# over 6 seeds at 0.07-0.14 reference sd against 0.12-0.18 for 600 steps of 1 particle decayed 100x (the schedule
+# --steps N still gets, now with 8 particles); at a constant lr 0.05 the last iterate was 1 posterior sd off.
+FIT_DEFAULTS = {"steps": 600, "lr": 0.05, "lr_decay": 0.01, "num_particles": 8, "vectorize_particles": True, "auto_stop": True}
 
 
 @dataclass
@@ -76,7 +80,7 @@ def model(batch, options):
         scales = pyro.sample("scales", dist.LogNormal(0.0, 1.0).expand([dim]).to_event(1))
     with pyro.plate("data", batch.num_data, subsample=batch.index):
         z = pyro.sample("z", dist.Categorical(weights))
-        pyro.sample("x", dist.Normal(locs[z], scales[z]).to_event(1), obs=batch.x)
+        pyro.sample("x", dist.Normal(Vindex(locs.unsqueeze(-3))[..., z, :], Vindex(scales.unsqueeze(-3))[..., z, :]).to_event(1), obs=batch.x)
 
 
 def _initial_clusters(x, num_components, max_points=10_000):
