@@ -43,7 +43,9 @@ from ppvi.data import read_csv, standardize
 from ppvi.errors import DataError
 from ppvi.guides import standard_guides
 
-FIT_DEFAULTS = {"steps": 2000, "lr": 0.05, "lr_decay": 0.02, "vectorize_particles": True}
+# Stops by the rule (at most 3 x 2,000 steps); 8 vectorized particles quieten the gradient enough that it does in
+# 1,450-3,150 steps, measured over 3 seeds at 0.033-0.053 reference sd against 0.083-0.110 for 2,000 decayed steps of 1.
+FIT_DEFAULTS = {"steps": 2000, "lr": 0.05, "lr_decay": 0.02, "num_particles": 8, "vectorize_particles": True, "auto_stop": True}
 
 
 @dataclass

@@ -29,7 +29,8 @@ RESUME_MAY_CHANGE = ("device", "checkpoint_every", "threads")
 # fit stops when converged (ppvi.convergence, at most MAX_STEPS_FACTOR x 1,000 steps) unless its model file
 # declares a tuned schedule ("steps" in FIT_DEFAULTS, as the gallery's do), which is then kept: measured on the
 # gallery, the rule was not reliably as accurate as those schedules (beta_bernoulli: q's sd 23% off against 4%).
-# --max-steps N turns the rule on for any fit; FIT_DEFAULTS {"auto_stop": True/False} sets a model's default.
+# --max-steps N turns the rule on for any fit; FIT_DEFAULTS {"auto_stop": True/False} sets a model's default
+# (and FIT_DEFAULTS["by_guide"][guide] a guide's: the gallery's linear regression keeps lowrank on its schedule).
 AUTO_STOP_DEFAULT = True
 MAX_STEPS_FACTOR = 3  # default --max-steps: this many times the model's default steps
 

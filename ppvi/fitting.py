@@ -74,7 +74,9 @@ def fit(model, guide=None, *, data=None, options=None, out=None, resume: bool = 
     if config.guide is not None and guide != config.guide and hasattr(model, "build_pair"):
         raise UsageError(f"model {model_file.name!r} has no guide {config.guide!r}; its guides are: {', '.join(model_file.guides)}.")
     estimator_settings = _estimator_settings(config)
-    config = dataclasses.replace(config.resolve(model_file.fit_defaults), guide=guide)
+    defaults = model_file.fit_defaults
+    defaults |= defaults.pop("by_guide", {}).get(guide, {})  # a guide's own defaults over the model's
+    config = dataclasses.replace(config.resolve(defaults), guide=guide)
     options = model_file.make_options(options)
     device = distributed.local_device(resolve_device(config.device))  # cuda:LOCAL_RANK under torchrun
     source, tensors = load_data_tensors(model_file, data, options, device)

@@ -21,7 +21,8 @@ A model file is a plain Python module. ppvi reads these names from it:
 ``summarize(result)`` (optional)
     Returns a dict of numbers worth printing after a fit (e.g. cluster accuracy).
 ``FIT_DEFAULTS`` (optional)
-    Default fit settings for this model, e.g. ``{"steps": 1000, "lr": 0.05}``.
+    Default fit settings for this model, e.g. ``{"steps": 1000, "lr": 0.05}``; ``"by_guide"``
+    maps a guide name to its own settings over those (``{"lowrank": {"auto_stop": False}}``).
 
 The gallery lives in ``models/`` of the source tree and ships inside the wheel
 as ``ppvi/gallery/``; both are found, so an installed ppvi needs no checkout.
