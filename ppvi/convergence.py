@@ -46,7 +46,7 @@ __all__ = [
 
 TREND_BATCHES = 8  # batch means for the trend test (6 degrees of freedom)
 TREND_WINDOW = 100  # fewest steps a fixed budget's end is judged over
-NOT_CONVERGED = "not converged within the budget: raise --max-steps or lower --lr"
+NOT_CONVERGED = "not converged within the budget: raise --max-steps"
 
 
 @dataclass(frozen=True)
@@ -373,9 +373,11 @@ class Stationarity:
             return self.stopped.reason
         lr = self._lr_words()
         if self.stationary_step is not None:
-            return (f"{NOT_CONVERGED} (stationary from step {self.stationary_step}{lr}, but MCSE/scale of the average is "
+            return (f"{NOT_CONVERGED} or --num-particles, which quietens the gradient noise that limits the average "
+                    f"(stationary from step {self.stationary_step}{lr}, but MCSE/scale of the average is "
                     f"{self.last_mcse:.3g} (< {self.mcse_threshold} needed) and it moved {self.last_change:.3g} scales since the last phase)")
-        return f"{NOT_CONVERGED} (not stationary{lr}: largest window R-hat {self.last_rhat:.3g} >= {self.rhat_threshold})"
+        return (f"{NOT_CONVERGED}; the iterates still drift one way, a larger --lr gets there sooner "
+                f"(not stationary{lr}: largest window R-hat {self.last_rhat:.3g} >= {self.rhat_threshold})")
 
     def _lr_words(self) -> str:
         return "" if self.lr is None else f" at lr {self.lr:.3g}" + (f" (cut {self.phase}x by {self.shrink})" if self.phase else "")
