@@ -302,6 +302,18 @@ def test_the_default_budget_follows_the_model_file():
     assert not FitConfig(batch_size=10).resolve({}).auto_stop  # a global latent's best held-out checkpoint fits the held-out points
 
 
+def test_gallery_defaults_are_per_guide_where_the_file_says_so():
+    """linear_regression stops by the rule with 8 particles, but its lowrank guide keeps the fixed schedule
+    (FIT_DEFAULTS["by_guide"]): the rule never saw a cov_factor, known only up to a rotation, settle."""
+    import ppvi
+
+    meanfield = ppvi.fit("linear_regression", guide="meanfield", max_steps=5, device="cpu").config["settings"]
+    lowrank = ppvi.fit("linear_regression", guide="lowrank", steps=5, device="cpu").config["settings"]
+    assert (meanfield["num_particles"], meanfield["auto_stop"]) == (8, True)
+    assert lowrank["num_particles"] == 1
+    assert ppvi.load_model("linear_regression").fit_defaults["by_guide"]  # the model file's own dict is left whole
+
+
 def test_lr_decay_is_a_schedule_the_rule_does_not_run_under():
     from ppvi.config import FitConfig
     from ppvi.errors import UsageError

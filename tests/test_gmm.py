@@ -285,12 +285,3 @@ def test_vectorized_particles_estimate_the_elbo_of_sequential_ones():
     vectorized = first_elbo("meanfield", num_particles=512, vectorize_particles=True)
     assert vectorized == pytest.approx(first_elbo("meanfield", num_particles=512, vectorize_particles=False), abs=0.5)
 
-
-def test_gallery_defaults_are_per_guide_where_the_file_says_so():
-    """linear_regression stops by the rule with 8 particles, but its lowrank guide keeps the fixed schedule
-    (FIT_DEFAULTS["by_guide"]): the rule never saw a cov_factor, known only up to a rotation, settle."""
-    meanfield = ppvi.fit("linear_regression", guide="meanfield", max_steps=5, device="cpu").config["settings"]
-    lowrank = ppvi.fit("linear_regression", guide="lowrank", steps=5, device="cpu").config["settings"]
-    assert (meanfield["num_particles"], meanfield["auto_stop"]) == (8, True)
-    assert lowrank["num_particles"] == 1
-    assert ppvi.load_model("linear_regression").fit_defaults["by_guide"]  # the model file's own dict is left whole
