@@ -76,6 +76,7 @@ def test_a_drift_that_never_ends_is_reported_as_not_converged():
     assert feed(monitor, np.linspace(0, 10, 2000)[:, None]) is None
     assert not monitor.converged
     assert monitor.status.startswith("not converged within the budget: raise --max-steps")
+    assert "still drift one way, a larger --lr" in monitor.status  # not "lower --lr", as it once said
     assert monitor.averaged() == ({}, {})
 
 
