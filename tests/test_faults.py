@@ -306,7 +306,10 @@ def test_last_good_checkpoint_is_finite(cli, tmp_path):
 
 def test_ctrl_c_exits_130_with_the_resume_hint(tmp_path):
     run_dir = tmp_path / "run"
-    process = ppvi_process("fit", "gmm", "--steps", 1_000_000, "--checkpoint-every", 20, "--device", "cpu", "--out", run_dir)
+    # Ctrl-C as at a terminal: a test run started in the background (a shell's `cmd &` without job control) inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt; the child gets the default action back
+    process = ppvi_process("fit", "gmm", "--steps", 1_000_000, "--checkpoint-every", 20, "--device", "cpu", "--out", run_dir,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (run_dir / "config.json").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
