@@ -26,9 +26,9 @@ MODELS = ["normal_normal", "beta_bernoulli", "linear_regression", "linear_regres
 DRAWS = 4000
 
 
-def moments(result) -> dict:
-    """Per latent variable with at most 64 elements: (mean, sd) of q from DRAWS draws."""
-    posterior = to_inference_data(result, num_samples=DRAWS, seed=1, predictive=False).posterior
+def moments(result, draws: int = DRAWS, seed: int = 1) -> dict:
+    """Per latent variable with at most 64 elements: (mean, sd) of q from ``draws`` draws."""
+    posterior = to_inference_data(result, num_samples=draws, seed=seed, predictive=False).posterior
     out = {}
     for name, values in posterior.data_vars.items():
         flat = values.values.reshape(values.shape[0] * values.shape[1], -1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
+import stopping  # benchmarks/stopping.py: q's moments and their distance, one home
 import torch
 
 import pyro
@@ -114,11 +114,6 @@ MODELS = {name: (globals()[f"{name}_model"], globals()[f"{name}_data"]) for name
           ["rugged", "logreg", "schools", "poisson", "gampois", "ar1"]}
 
 
-def moments(result) -> dict:
-    posterior = ppvi.to_inference_data(result, num_samples=DRAWS, predictive=False).posterior
-    return {name: (v.values[0].reshape(DRAWS, -1).mean(0), v.values[0].reshape(DRAWS, -1).std(0)) for name, v in posterior.data_vars.items()}
-
-
 def nuts_moments(model, data) -> dict:
     pyro.set_rng_seed(0)
     mcmc = MCMC(NUTS(model, target_accept_prob=0.9), num_samples=4000, warmup_steps=1000, disable_progbar=True)
@@ -128,9 +123,7 @@ def nuts_moments(model, data) -> dict:
 
 
 def distance(fit: dict, reference: dict) -> str:
-    mean = max(float(np.max(np.abs(fit[k][0] - reference[k][0]) / reference[k][1])) for k in reference)
-    sd = max(float(np.max(np.abs(np.log(fit[k][1] / reference[k][1])))) for k in reference)
-    return f"{mean:.3f}, {sd:.3f}"
+    return "%.3f, %.3f" % stopping.distance(fit, reference)
 
 
 def main(specs: list[str]) -> None:
@@ -140,11 +133,12 @@ def main(specs: list[str]) -> None:
         name, _, guide = spec.partition(":")
         model, data = MODELS[name]
         nuts = nuts_moments(model, data)
-        best = moments(ppvi.fit(model, guide or None, data=data, steps=8000, lr=0.01, lr_decay=0.01, num_particles=8, device="cpu"))
+        best = stopping.moments(ppvi.fit(model, guide or None, data=data, steps=8000, lr=0.01, lr_decay=0.01, num_particles=8, device="cpu"),
+                                draws=DRAWS, seed=0)
         start = time.perf_counter()
         result = ppvi.fit(model, guide or None, data=data, device="cpu")
         seconds = time.perf_counter() - start
-        fitted = moments(result)
+        fitted = stopping.moments(result, draws=DRAWS, seed=0)
         status = result.config["convergence"]["0"]["status"]
         print(f"{spec} | {len(result.elbo_trace)} | {seconds:.1f} | {distance(fitted, best)} | {distance(fitted, nuts)} | "
               f"{distance(best, nuts)} | {status[:80]}", flush=True)
